@@ -1,0 +1,143 @@
+"""The application factory: routes, middlewares, and one cleanup context per resource.
+
+``make_app(settings)`` wires the stages together. Resources are acquired in dependency order in
+``cleanup_ctx`` and released in reverse after the HTTP handlers in flight have finished: the
+broker link is acquired first and released last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import hdrs, web
+
+from relay.auth import TokenAuthenticator
+from relay.dedup import MemoryDedupStore
+from relay.health import Health
+from relay.ingest import Ingest, error_response
+from relay.metrics import Metrics
+from relay.publish import Envelope, Publisher
+from relay.routing import Router
+from relay.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+HEALTH = web.AppKey("health", Health)
+PUBLISHER = web.AppKey("publisher", Publisher)
+DEDUP = web.AppKey("dedup", MemoryDedupStore)
+INGEST = web.AppKey("ingest", Ingest)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer the router's own errors (404, 405 ...) with the contract's JSON error body."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(404, "not_found", f"no route for {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed here; use {allowed}",
+            {hdrs.ALLOW: allowed},
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return error_response(exc.status, code, exc.reason, exc.headers)
+
+
+def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the relay's aiohttp application from ``settings``.
+
+    clock: wall-clock seconds for the dedup TTL (injectable for tests).
+    The broker link is opened by the app's start-up (``AppRunner.setup``), which raises
+    TopologyError when the broker's exchanges disagree with the settings.
+    """
+    metrics = Metrics()
+    health = Health(metrics)
+    router = Router(
+        settings.amqp.routing_key_template, settings.amqp.exchange, settings.amqp.exchanges
+    )
+    publisher = Publisher(settings.amqp, router, metrics)
+    dedup = MemoryDedupStore(
+        settings.dedup.ttl,
+        settings.dedup.max_entries,
+        clock=clock,
+        wait_timeout=settings.amqp.publish_timeout + 1,
+    )
+
+    async def deliver(envelope: Envelope) -> str:
+        await publisher.publish(envelope)
+        return "accepted"
+
+    ingest = Ingest(
+        authenticator=TokenAuthenticator(settings.auth.tokens),
+        router=router,
+        dedup=dedup,
+        deliver=deliver,
+        metrics=metrics,
+        max_body_bytes=settings.http.max_body_bytes,
+        key_fields=settings.dedup.key_fields,
+    )
+
+    app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[HEALTH] = health
+    app[PUBLISHER] = publisher
+    app[DEDUP] = dedup
+    app[INGEST] = ingest
+
+    app.router.add_post(settings.http.events_path, ingest.events)
+    app.router.add_post(settings.http.errors_path, ingest.errors)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/metrics", health.metrics_handler)
+
+    health.add_check(
+        "broker",
+        lambda: (
+            None
+            if publisher.connected.is_set()
+            else f"broker link down: {publisher.last_error or 'connecting'}"
+        ),
+    )
+    health.add_detail("broker", publisher.status)
+    health.add_detail(
+        "dedup",
+        lambda: {
+            "backend": "memory",
+            "entries": len(dedup),
+            "in_flight": dedup.in_flight,
+            "evictions": dedup.evictions,
+            "ttl_seconds": dedup.ttl,
+            "max_entries": dedup.max_entries,
+        },
+    )
+    health.add_detail("last_retm_error", lambda: ingest.last_retm_error)
+    metrics.gauge_callback(
+        "relay_dedup_entries", "Delivered keys in the dedup cache.", lambda: len(dedup)
+    )
+    metrics.counter_callback(
+        "relay_dedup_evictions",
+        "Delivered keys evicted before their TTL (max_entries reached).",
+        lambda: dedup.evictions,
+    )
+
+    app.cleanup_ctx.append(_broker_link)
+    return app
+
+
+async def _broker_link(app: web.Application) -> AsyncIterator[None]:
+    publisher = app[PUBLISHER]
+    await publisher.start()
+    yield
+    await publisher.close()

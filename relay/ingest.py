@@ -1,0 +1,422 @@
+"""Ingest: RETM's webhook POSTs become envelopes that are made durable before the answer.
+
+Per request, in order: Bearer token (401), media type (415), content coding (415), body size
+before and after decompression (413), JSON object (400), routing, dedup claim, confirmed publish,
+dedup commit, answer. Every rejection is a 4xx with ``{"error": CODE, "detail": ...}``, one log
+line and a metric; nothing a client sends produces a 500. The body published is the body
+received (after HTTP decompression, without a leading UTF-8 BOM), never re-serialised.
+
+Field names used here come from RETM's notification hooks (retm/webhooks.md §3.2, §3.4, §5):
+``event``, ``reference``, ``business_refrence`` (sic; ``business_reference`` also accepted) and
+``branch_id``; and from the error webhook (§3.7): ``code``, ``endpoint``, ``message``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import hdrs, http_exceptions, web
+
+from relay.auth import Principal, TokenAuthenticator
+from relay.dedup import DedupStore, Verdict, dedup_key
+from relay.errors import BrokerUnavailable, StoreUnavailable
+from relay.metrics import Metrics
+from relay.publish import Envelope
+from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Router, event_name
+
+log = structlog.get_logger("relay.ingest")
+
+BOM = b"\xef\xbb\xbf"
+RETRY_AFTER_SECONDS = "5"
+_DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # zlib wbits per content coding
+_UTF8_NAMES = frozenset({"utf-8", "utf8"})
+MAX_HEADER_VALUE = 255
+_LOG_EVENTS = {
+    "accepted": "webhook.accepted",
+    "spooled": "webhook.spooled",
+    "duplicate": "webhook.duplicate",
+}
+
+Deliver = Callable[[Envelope], Awaitable[str]]
+"""Makes an envelope durable; returns the outcome (``accepted`` or ``spooled``) or raises
+BrokerUnavailable. The publisher's confirmed publish, or the spool in front of it."""
+
+
+class Rejection(Exception):
+    """A 4xx answer: ``status``, machine-readable ``code`` and a short ``detail``."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The JSON error answer of the HTTP contract."""
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": code, "detail": detail}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def json_response(payload: Mapping[str, Any], status: int = 200) -> web.Response:
+    """A JSON answer serialised with orjson."""
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A validated webhook request: who sent it and what."""
+
+    principal: Principal
+    raw: bytes
+    body: dict[str, Any]
+    received_at: float
+
+
+_WWW_AUTH = {
+    "missing": 'Bearer realm="retm-relay"',
+    "malformed": 'Bearer realm="retm-relay", error="invalid_request"',
+    "invalid": 'Bearer realm="retm-relay", error="invalid_token"',
+}
+
+
+def check_token(authenticator: TokenAuthenticator, request: web.BaseRequest) -> Principal:
+    """The request's principal; raises Rejection 401 with ``WWW-Authenticate: Bearer``."""
+    result = authenticator.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    if isinstance(result, Principal):
+        return result
+    detail = {
+        "missing": "an Authorization: Bearer token is required",
+        "malformed": "the Authorization header must be 'Bearer <token>'",
+        "invalid": "the Bearer token is not valid",
+    }[result]
+    raise Rejection(401, "unauthorized", detail, {hdrs.WWW_AUTHENTICATE: _WWW_AUTH[result]})
+
+
+_media_type_cache: dict[str, bool] = {}
+
+
+def _is_json_utf8(content_type: str) -> bool:
+    verdict = _media_type_cache.get(content_type)
+    if verdict is None:
+        media, *params = content_type.split(";")
+        verdict = media.strip().lower() == "application/json"
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset":
+                verdict = verdict and value.strip().strip('"').lower() in _UTF8_NAMES
+        if len(_media_type_cache) < 256:
+            _media_type_cache[content_type] = verdict
+    return verdict
+
+
+def check_media_type(request: web.BaseRequest) -> None:
+    """``application/json`` in any letter case, with no charset or a UTF-8 one; else 415."""
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if content_type is None or not _is_json_utf8(content_type):
+        raise Rejection(
+            415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
+        )
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The body, decompressed per ``Content-Encoding`` (gzip, deflate), at most ``limit``
+    bytes before and after decompression, without a leading UTF-8 BOM.
+
+    Raises Rejection: 413 too large, 415 unsupported coding, 400 corrupt or truncated data.
+    """
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    if coding not in ("", "identity") and coding not in _DECODERS:
+        raise Rejection(
+            415, "unsupported_encoding", "Content-Encoding must be gzip, deflate or identity"
+        )
+    too_large = Rejection(413, "payload_too_large", f"the body must be at most {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    except (OSError, http_exceptions.HttpProcessingError, aiohttp.ClientError):
+        raise Rejection(400, "incomplete_body", "the body could not be read in full") from None
+    if coding in _DECODERS:
+        raw = _decompress(raw, _DECODERS[coding], limit, too_large)
+    if raw.startswith(BOM):
+        raw = raw[3:]
+    return raw
+
+
+def _decompress(data: bytes, wbits: int, limit: int, too_large: Rejection) -> bytes:
+    corrupt = Rejection(400, "bad_encoding", "the body is not valid for its Content-Encoding")
+    out = bytearray()
+    remaining = data
+    try:
+        while True:  # gzip allows several members back to back
+            decoder = zlib.decompressobj(wbits)
+            out += decoder.decompress(remaining, limit + 1 - len(out))
+            if len(out) > limit or decoder.unconsumed_tail:
+                raise too_large
+            if not decoder.eof:
+                raise corrupt
+            remaining = decoder.unused_data
+            if not remaining:
+                return bytes(out)
+            if wbits != 31:
+                raise corrupt
+    except zlib.error:
+        if wbits == 15 and not out:  # "deflate" sent as a raw stream, as some clients do
+            return _decompress(data, -15, limit, too_large)
+        raise corrupt from None
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; raises Rejection 400 ``invalid_json`` or ``not_object``."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Rejection(400, "invalid_json", f"the body is not valid JSON: {exc.msg}") from None
+    if not isinstance(body, dict):
+        raise Rejection(400, "not_object", "the body must be a JSON object")
+    return body
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, str) and value:
+        return value[:MAX_HEADER_VALUE]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def contract_headers(
+    event: str, business: str | None, body: Mapping[str, Any], received_at: float
+) -> dict[str, Any]:
+    """The ``x-retm-*`` and ``x-relay-received-at`` headers of the message contract."""
+    headers: dict[str, Any] = {
+        "x-retm-event": event,
+        "x-relay-received-at": datetime.fromtimestamp(received_at, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+    }
+    if business:
+        headers["x-retm-business"] = business
+    branch = _text(body.get("branch_id"))
+    if branch:
+        headers["x-retm-branch"] = branch
+    reference = _text(body.get("reference"))
+    if reference:
+        headers["x-retm-reference"] = reference
+    return headers
+
+
+def body_business(body: Mapping[str, Any]) -> str | None:
+    """The business named in a RETM body: ``business_refrence`` (sic, every RETM endpoint page)
+    or ``business_reference`` (the Promotional Coupon guide), when non-empty."""
+    return _text(body.get("business_refrence")) or _text(body.get("business_reference"))
+
+
+class Ingest:
+    """The webhook handlers (``events``, ``errors``) and their dependencies.
+
+    deliver: makes an envelope durable (see ``Deliver``). dedup: the dedup store.
+    max_body_bytes: ``http.max_body_bytes``. key_fields: ``dedup.key_fields``.
+    """
+
+    def __init__(
+        self,
+        *,
+        authenticator: TokenAuthenticator,
+        router: Router,
+        dedup: DedupStore,
+        deliver: Deliver,
+        metrics: Metrics,
+        max_body_bytes: int,
+        key_fields: tuple[str, ...],
+    ) -> None:
+        self.authenticator = authenticator
+        self.router = router
+        self.dedup = dedup
+        self.deliver = deliver
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.key_fields = key_fields
+        self.last_retm_error: dict[str, Any] | None = None
+
+    async def read_webhook(self, request: web.BaseRequest) -> Webhook:
+        """Authenticate and read a webhook request; raises Rejection."""
+        received_at = time.time()
+        principal = check_token(self.authenticator, request)
+        check_media_type(request)
+        raw = await read_body(request, self.max_body_bytes)
+        return Webhook(principal, raw, parse_object(raw), received_at)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """``POST /retm/events``: a notification hook (``order.*``, ``customer.*``, any event)."""
+        return await self._handle(request, "events", None)
+
+    async def errors(self, request: web.Request) -> web.StreamResponse:
+        """``POST /retm/errors``: RETM's error webhook, published as ``delivery.error``."""
+        return await self._handle(request, "errors", DELIVERY_ERROR)
+
+    async def _handle(
+        self, request: web.Request, route_name: str, fixed_event: str | None
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        metrics = self.metrics
+        metrics.in_flight(1)
+        request_id = secrets.token_hex(6)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            try:
+                hook = await self.read_webhook(request)
+            except Rejection as rej:
+                metrics.rejected(rej.code)
+                metrics.request(route_name, "rejected", time.perf_counter() - started)
+                log.warning(
+                    "webhook.rejected",
+                    route=route_name,
+                    status=rej.status,
+                    reason=rej.code,
+                    detail=rej.detail,
+                    remote=request.remote,
+                )
+                return error_response(rej.status, rej.code, rej.detail, rej.headers)
+            if fixed_event is None:
+                raw_event = hook.body.get("event")
+                event = event_name(raw_event) or UNRECOGNIZED
+            else:
+                raw_event, event = None, fixed_event
+            return await self._publish(hook, route_name, event, raw_event, started)
+        finally:
+            metrics.in_flight(-1)
+
+    async def _publish(
+        self,
+        hook: Webhook,
+        route_name: str,
+        event: str,
+        raw_event: object,
+        started: float,
+    ) -> web.StreamResponse:
+        body, principal = hook.body, hook.principal
+        business = principal.business or body_business(body)
+        route = self.router.route(event, business, body.get("branch_id"))
+        key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
+        headers = contract_headers(event, business, body, hook.received_at)
+        if event == UNRECOGNIZED and isinstance(raw_event, str):
+            headers["x-retm-event-raw"] = raw_event[:MAX_HEADER_VALUE]
+        answer = {"id": key, "routing_key": route.routing_key}
+        log_fields = {
+            "route": route_name,
+            "event": event,
+            "key": key,
+            "routing_key": route.routing_key,
+        }
+        try:
+            verdict = await self.dedup.claim(key)
+        except StoreUnavailable as exc:
+            return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
+        if verdict is Verdict.DUPLICATE:
+            self.metrics.duplicate()
+            return self._answer(route_name, "duplicate", answer, started, log_fields)
+        if verdict is Verdict.FAILED:
+            return self._unavailable(
+                route_name,
+                "first_attempt_failed",
+                "an earlier delivery of this event failed",
+                started,
+                log_fields,
+            )
+        committed = False
+        try:
+            envelope = Envelope(hook.raw, route, key, event, hook.received_at, headers)
+            outcome = await self.deliver(envelope)
+            await self.dedup.commit(key)
+            committed = True
+        except BrokerUnavailable as exc:
+            return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
+        except StoreUnavailable as exc:
+            # Durable already; only the dedup mark is missing (a retry may publish a copy
+            # with the same message_id, which consumers can drop).
+            log.warning("dedup.commit_failed", key=key, error=str(exc))
+            committed = True
+            outcome = "accepted"
+        finally:
+            if not committed:
+                await self.dedup.release(key)
+        if event == DELIVERY_ERROR:
+            self._remember_retm_error(body, hook.received_at)
+        return self._answer(route_name, outcome, answer, started, log_fields)
+
+    def _answer(
+        self,
+        route_name: str,
+        outcome: str,
+        answer: dict[str, str],
+        started: float,
+        log_fields: dict[str, str],
+    ) -> web.Response:
+        elapsed = time.perf_counter() - started
+        self.metrics.request(route_name, outcome, elapsed)
+        log.info(
+            _LOG_EVENTS[outcome],
+            outcome=outcome,
+            latency_ms=round(elapsed * 1000, 2),
+            **log_fields,
+        )
+        status = "duplicate" if outcome == "duplicate" else "accepted"
+        return json_response({"status": status, **answer})
+
+    def _unavailable(
+        self,
+        route_name: str,
+        reason: str,
+        detail: str,
+        started: float,
+        log_fields: dict[str, str],
+    ) -> web.Response:
+        elapsed = time.perf_counter() - started
+        self.metrics.unavailable(reason)
+        self.metrics.request(route_name, "unavailable", elapsed)
+        log.warning(
+            "webhook.unavailable",
+            reason=reason,
+            detail=detail,
+            latency_ms=round(elapsed * 1000, 2),
+            **log_fields,
+        )
+        return error_response(
+            503,
+            "unavailable",
+            f"the event could not be made durable ({reason}); retry later",
+            {hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS},
+        )
+
+    def _remember_retm_error(self, body: Mapping[str, Any], received_at: float) -> None:
+        def short(value: object) -> object:
+            return value[:500] if isinstance(value, str) else value
+
+        self.last_retm_error = {
+            "code": short(body.get("code")),
+            "endpoint": short(body.get("endpoint")),
+            "message": short(body.get("message")),
+            "received_at": received_at,
+        }

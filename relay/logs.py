@@ -1,0 +1,88 @@
+"""Logging: structlog configured once, for the relay and for the libraries it uses.
+
+JSON lines (one object per line, ``event`` holding a stable dotted name such as
+``webhook.accepted``) when stdout is not a terminal, as under systemd and journald; a readable
+console format on a terminal. aiohttp's and aio-pika's standard-library loggers go through the
+same processors, so every line has the same shape. A request id is bound through contextvars.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal, TextIO
+
+import orjson
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _orjson_text(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: Literal["auto", "json", "console"] = "auto",
+    stream: TextIO | None = None,
+) -> None:
+    """Configure structlog and the standard library's logging (once, at start-up).
+
+    level: ``debug``, ``info``, ``warning`` or ``error``. fmt: ``json``, ``console``, or
+    ``auto`` (JSON unless ``stream`` is a terminal). stream: default ``sys.stdout``.
+    """
+    stream = stream or sys.stdout
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    level_no = LEVELS[level]
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if as_json:
+        # Tracebacks as data, never with local variables: locals can hold tokens and bodies.
+        shared.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
+        renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_text)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, _logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level_no)
+    # One line per webhook is written by the relay itself; the access log would double it.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiormq reports every reconnect attempt at WARNING; the relay logs link changes once.
+    logging.getLogger("aiormq").setLevel(max(level_no, logging.ERROR))
+    logging.getLogger("aio_pika").setLevel(max(level_no, logging.ERROR))
+
+
+def _logger_name(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict["logger"] = record.name
+    return event_dict

@@ -1,0 +1,457 @@
+"""Settings: one frozen tree, loaded once.
+
+``load_settings(path, environ)`` builds it from built-in defaults, then the TOML file, then
+``RELAY_<SECTION>_<KEY>`` environment variables, and validates it. Nothing reads ``os.environ``
+after start-up. A secret setting may also come from a file named by ``RELAY_<SECTION>_<KEY>_FILE``
+(for systemd credentials or a mounted secret), and secrets are masked in ``repr``.
+
+The key names are part of the public contract (``../shared/design.md``, "Configuration"); every
+key is documented with its default in ``config/relay.example.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
+
+from relay.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/retm-relay/relay.toml")
+ENV_PREFIX = "RELAY_"
+_BUSINESS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret string (token, password, URL with credentials). ``repr`` and ``str`` mask it."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpec:
+    """One webhook Bearer token, optionally bound to a RETM business (``business_id`` from the
+    install callback, retm/webhooks.md §3.8). A bound token makes that business the principal of
+    every event it authenticates."""
+
+    token: Secret
+    business: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The HTTP listener. ``max_body_bytes`` bounds the body both as received and after gzip or
+    deflate decompression; ``shutdown_timeout`` (seconds) bounds the graceful stop."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1_048_576
+    events_path: str = "/retm/events"
+    errors_path: str = "/retm/errors"
+    shutdown_timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Bearer tokens accepted on the webhook routes. Several at once allow rotation; none means
+    every webhook answers 401. Environment form: ``RELAY_AUTH_TOKENS="tok1,business:tok2"``."""
+
+    tokens: tuple[TokenSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpSettings:
+    """The broker link and the topology the relay publishes to.
+
+    ``exchanges`` maps an event family (the routing key's first word, ``order``) to its own
+    exchange; other events go to ``exchange``. ``passive`` only checks that the exchanges and the
+    unrouted queue exist, for a broker user without the configure permission. Times in seconds.
+    """
+
+    url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
+    exchange: str = "retm.events"
+    exchanges: dict[str, str] = field(default_factory=dict)
+    unrouted_exchange: str = "retm.unrouted"
+    routing_key_template: str = "{event}"
+    publish_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    heartbeat: int = 10
+    passive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DedupSettings:
+    """The dedup cache: ``ttl`` in seconds, at most ``max_entries`` delivered keys kept.
+    ``key_fields`` are the body fields tried in order for the event's identity (the first
+    non-empty one wins; otherwise the body's SHA-256)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    ttl: float = 86_400.0
+    max_entries: int = 1_000_000
+    redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
+    key_fields: tuple[str, ...] = ("reference",)
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where the relay keeps state on disk: ``$STATE_DIRECTORY`` (systemd), else ``./var``."""
+
+    dir: Path = Path("var")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """Log level and format: ``auto`` is JSON lines unless stdout is a terminal."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole configuration. ``source`` says where it came from (a path, or ``defaults``)."""
+
+    http: HttpSettings = field(default_factory=HttpSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    amqp: AmqpSettings = field(default_factory=AmqpSettings)
+    dedup: DedupSettings = field(default_factory=DedupSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: str = "defaults"
+
+
+_SECRET_KEYS = frozenset({"auth.tokens", "amqp.url", "dedup.redis_url"})
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The configuration file to read: ``--config``, else ``$RELAY_CONFIG``, else
+    ``/etc/retm-relay/relay.toml`` when it exists, else ``None`` (built-in defaults)."""
+    if cli_path:
+        return Path(cli_path)
+    if environ.get("RELAY_CONFIG"):
+        return Path(environ["RELAY_CONFIG"])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Build and validate the settings: defaults < TOML file at ``path`` < ``RELAY_*`` variables.
+
+    Raises ConfigError naming the key (``amqp.publish_timeout``) for an unknown key, a value of
+    the wrong type or out of range, or an unreadable file.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        source = str(path)
+
+    sections: dict[str, Any] = {}
+    for section_field in dataclasses.fields(Settings):
+        if section_field.name == "source":
+            continue
+        section_cls = _hints(Settings)[section_field.name]
+        table = raw.pop(section_field.name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section_field.name, "must be a table")
+        sections[section_field.name] = _build_section(
+            section_field.name, section_cls, table, environ
+        )
+    if raw:
+        raise ConfigError(sorted(raw)[0], "unknown section")
+    _check_environ(environ)
+    settings = Settings(**sections, source=source)
+    validate(settings)
+    return settings
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(name: str, cls: type, table: dict[str, Any], environ: Mapping[str, str]) -> Any:
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{name}.{f.name}"
+        env_name = f"{ENV_PREFIX}{name}_{f.name}".upper()
+        if env_name in environ:
+            values[f.name] = _from_env(key, hints[f.name], environ[env_name])
+        elif f"{env_name}_FILE" in environ and key in _SECRET_KEYS:
+            file_path = Path(environ[f"{env_name}_FILE"])
+            try:
+                text = file_path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(key, f"cannot read {env_name}_FILE: {exc.strerror}") from None
+            values[f.name] = _from_env(key, hints[f.name], text.strip(), multiline=True)
+        elif f.name in table:
+            values[f.name] = _from_toml(key, hints[f.name], table.pop(f.name))
+    if table:
+        raise ConfigError(f"{name}.{sorted(table)[0]}", "unknown key")
+    if name == "state" and "dir" not in values and environ.get("STATE_DIRECTORY"):
+        values["dir"] = Path(environ["STATE_DIRECTORY"].split(":")[0])
+    return cls(**values)
+
+
+def _check_environ(environ: Mapping[str, str]) -> None:
+    """A misspelt ``RELAY_AMQP_URLL`` would silently do nothing: refuse it instead."""
+    known = set()
+    for section_field in dataclasses.fields(Settings):
+        if section_field.name == "source":
+            continue
+        for f in dataclasses.fields(_hints(Settings)[section_field.name]):
+            name = f"{ENV_PREFIX}{section_field.name}_{f.name}".upper()
+            known.update({name, f"{name}_FILE"})
+    sections = {
+        f"{ENV_PREFIX}{f.name}_".upper() for f in dataclasses.fields(Settings) if f.name != "source"
+    }
+    for name in environ:
+        if any(name.startswith(prefix) for prefix in sections) and name not in known:
+            raise ConfigError(name, "unknown environment variable for a relay setting")
+
+
+def _from_toml(key: str, tp: Any, value: Any) -> Any:
+    if tp is Secret or _is_optional_of(tp, Secret):
+        if not isinstance(value, str):
+            raise ConfigError(key, "must be a string")
+        return Secret(value)
+    if key == "auth.tokens":
+        if not isinstance(value, list):
+            raise ConfigError(key, "must be a list of tokens or {token, business} tables")
+        return tuple(_token_from_toml(key, item) for item in value)
+    return _coerce(key, tp, value)
+
+
+def _token_from_toml(key: str, item: Any) -> TokenSpec:
+    if isinstance(item, str):
+        return TokenSpec(Secret(item))
+    if isinstance(item, dict) and set(item) <= {"token", "business"} and "token" in item:
+        token, business = item["token"], item.get("business")
+        if isinstance(token, str) and (business is None or isinstance(business, str)):
+            return TokenSpec(Secret(token), business)
+    raise ConfigError(key, "each entry must be a string or a {token, business} table")
+
+
+def _from_env(key: str, tp: Any, text: str, *, multiline: bool = False) -> Any:
+    if key == "auth.tokens":
+        parts = re.split(r"[,\n]" if multiline else ",", text)
+        tokens = []
+        for part in (p.strip() for p in parts):
+            if not part or part.startswith("#"):
+                continue
+            business, sep, token = part.partition(":")
+            if sep and _BUSINESS_RE.fullmatch(business):
+                tokens.append(TokenSpec(Secret(token), business))
+            else:
+                tokens.append(TokenSpec(Secret(part)))
+        return tuple(tokens)
+    if tp is Secret:
+        return Secret(text)
+    origin = get_origin(tp)
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(key, f"must be true or false, not {text!r}")
+    if origin is tuple:
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    if origin is dict:
+        mapping: dict[str, str] = {}
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ConfigError(key, "must be name=value pairs separated by commas")
+            mapping[name.strip()] = value.strip()
+        return mapping
+    if tp is int or tp is float or _is_optional_of(tp, int) or _is_optional_of(tp, float):
+        number_type = int if (tp is int or _is_optional_of(tp, int)) else float
+        if not text.strip() and _is_optional(tp):
+            return None
+        try:
+            return number_type(text)
+        except ValueError:
+            raise ConfigError(key, f"must be a number, not {text!r}") from None
+    if _is_optional(tp) and not text.strip():
+        return None
+    return _coerce(key, tp, text)
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _is_optional_of(tp: Any, inner: type) -> bool:
+    return _is_optional(tp) and inner in get_args(tp)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check a TOML value against the annotation ``tp``; convert where TOML has no such type."""
+    origin = get_origin(tp)
+    if _is_optional(tp):
+        if value is None:
+            return None
+        inner = next(a for a in get_args(tp) if a is not type(None))
+        return _coerce(key, inner, value)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))}, not {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, "must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, "must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "must be a string")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, "must be a path")
+        return Path(value)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "must be a list of strings")
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(key, "must be a table of strings")
+        return dict(value)
+    raise ConfigError(key, f"unsupported setting type {tp!r}")  # pragma: no cover
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+_TEMPLATE_FIELDS = frozenset({"event", "business", "branch"})
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def validate(s: Settings) -> None:
+    """Range and shape checks across the tree; raises ConfigError naming the first bad key."""
+    _check(0 <= s.http.port <= 65535, "http.port", "must be between 0 and 65535")
+    _check(bool(s.http.host), "http.host", "must not be empty")
+    _check(
+        1024 <= s.http.max_body_bytes <= 64 * 1024 * 1024,
+        "http.max_body_bytes",
+        "must be between 1024 and 67108864",
+    )
+    for key, path in (
+        ("http.events_path", s.http.events_path),
+        ("http.errors_path", s.http.errors_path),
+    ):
+        _check(path.startswith("/") and " " not in path, key, "must be a path starting with /")
+    _check(
+        s.http.events_path != s.http.errors_path, "http.errors_path", "must differ from events_path"
+    )
+    _check(0 < s.http.shutdown_timeout <= 600, "http.shutdown_timeout", "must be in (0, 600]")
+
+    for spec in s.auth.tokens:
+        _check(bool(spec.token.value.strip()), "auth.tokens", "a token must not be empty")
+        _check(
+            spec.token.value == spec.token.value.strip() and "," not in spec.token.value,
+            "auth.tokens",
+            "a token must not contain spaces or commas",
+        )
+        _check(
+            spec.business is None or bool(_BUSINESS_RE.fullmatch(spec.business)),
+            "auth.tokens",
+            "a business must be 1-64 characters of letters, digits, '_', '.', '-'",
+        )
+
+    url = urlsplit(s.amqp.url.value)
+    _check(url.scheme in {"amqp", "amqps"}, "amqp.url", "must start with amqp:// or amqps://")
+    _check(bool(url.hostname), "amqp.url", "must name a host")
+    for key, name in (
+        ("amqp.exchange", s.amqp.exchange),
+        ("amqp.unrouted_exchange", s.amqp.unrouted_exchange),
+        *((f"amqp.exchanges.{k}", v) for k, v in s.amqp.exchanges.items()),
+    ):
+        _check(bool(_NAME_RE.fullmatch(name)), key, "must be 1-255 of letters, digits, '_.:-'")
+        _check(not name.startswith("amq."), key, "must not start with 'amq.' (reserved)")
+    _check(
+        s.amqp.unrouted_exchange not in {s.amqp.exchange, *s.amqp.exchanges.values()},
+        "amqp.unrouted_exchange",
+        "must differ from the event exchanges",
+    )
+    fields = set(re.findall(r"\{([^{}]*)\}", s.amqp.routing_key_template))
+    _check(
+        fields <= _TEMPLATE_FIELDS and "event" in fields,
+        "amqp.routing_key_template",
+        "must contain {event} and may add {business} and {branch}, separated by dots",
+    )
+    _check(
+        all(
+            (seg.startswith("{") and seg.endswith("}")) or re.fullmatch(r"[a-z0-9_-]+", seg)
+            for seg in s.amqp.routing_key_template.split(".")
+        ),
+        "amqp.routing_key_template",
+        "segments must be {event}, {business}, {branch} or fixed words of [a-z0-9_-]",
+    )
+    _check(0 < s.amqp.publish_timeout < 10, "amqp.publish_timeout", "must be in (0, 10) seconds")
+    _check(0 < s.amqp.connect_timeout <= 60, "amqp.connect_timeout", "must be in (0, 60] seconds")
+    _check(0 <= s.amqp.heartbeat <= 600, "amqp.heartbeat", "must be in [0, 600] seconds")
+
+    _check(s.dedup.ttl > 0, "dedup.ttl", "must be positive")
+    _check(s.dedup.max_entries >= 1, "dedup.max_entries", "must be at least 1")
+    _check(
+        urlsplit(s.dedup.redis_url.value).scheme in {"redis", "rediss", "unix"},
+        "dedup.redis_url",
+        "must start with redis://, rediss:// or unix://",
+    )
+    _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
+
+
+def describe(s: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret masked, for ``check-config`` and logs."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Secret):
+            return "********"
+        if isinstance(value, TokenSpec):
+            return {"token": "********", "business": value.business}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    result: dict[str, Any] = plain(s)
+    return result
