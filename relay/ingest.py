@@ -326,7 +326,7 @@ class Ingest:
         answer = {"id": key, "routing_key": route.routing_key}
         log_fields = {
             "route": route_name,
-            "event": event,
+            "retm_event": event,
             "key": key,
             "routing_key": route.routing_key,
         }

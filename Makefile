@@ -1,0 +1,46 @@
+# retm-relay: `make run` starts the relay on 127.0.0.1:8080, `make test` runs every check.
+# Both create .venv, install what they need, and start RabbitMQ (and Redis) when none answers.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+CONFIG ?= config/relay.example.toml
+
+.PHONY: run test lint format venv services clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+services:
+	@bash deploy/scripts/ensure-services.sh rabbitmq redis
+
+# A random development token, kept out of the repository; the README's curl examples use it.
+var/dev-token: | $(STAMP)
+	@mkdir -p var
+	@umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
+
+run: $(STAMP) var/dev-token
+	@bash deploy/scripts/ensure-services.sh rabbitmq
+	@echo "retm-relay: webhook token in var/dev-token; Ctrl-C stops the relay"
+	RELAY_AUTH_TOKENS_FILE=var/dev-token $(BIN)/retm-relay serve --config $(CONFIG)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint services
+	$(BIN)/pytest
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

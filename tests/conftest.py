@@ -1,0 +1,331 @@
+"""Shared fixtures: a real RabbitMQ, real relays started as production starts them, unique names.
+
+Every test gets its own exchange and unrouted exchange/queue names (``test.<hex>...``) and
+deletes them afterwards, so tests never interfere and never change global broker settings.
+Assertions consume from real queues; waits are on conditions (a message arriving, a state
+flag), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from relay.service import Relay
+from relay.settings import Settings, load_settings
+from tests.proxy import FaultProxy
+
+AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+TOKEN = "test-token-0123456789abcdef"
+
+
+def fixture_bytes(name: str) -> bytes:
+    """The raw bytes of a RETM example body (tests/fixtures, copied from shared/retm/fixtures)."""
+    return (FIXTURES / name).read_bytes()
+
+
+def _broker_port() -> int:
+    return int(AMQP_URL.rsplit(":", 1)[1].split("/")[0])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_answer() -> None:
+    """Fail loudly (never skip) when RabbitMQ does not answer: `make test` starts it."""
+    try:
+        socket.create_connection(("127.0.0.1", _broker_port()), timeout=3).close()
+    except OSError as exc:
+        pytest.fail(f"RabbitMQ does not answer at {AMQP_URL} ({exc}); run `make test`")
+
+
+@pytest.fixture
+def names() -> Names:
+    return Names()
+
+
+@dataclass
+class Names:
+    """Unique exchange and queue names for one test."""
+
+    prefix: str = field(default_factory=lambda: f"test.{uuid.uuid4().hex[:10]}")
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def unrouted(self) -> str:
+        return f"{self.prefix}.unrouted"
+
+    def __call__(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+
+class Tap:
+    """A queue bound to an exchange, consumed into an asyncio.Queue for assertions."""
+
+    def __init__(self, queue: aio_pika.abc.AbstractQueue) -> None:
+        self.queue = queue
+        self.received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def start(self) -> Tap:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+            await self.received.put(message)
+
+        await self.queue.consume(on_message)
+        return self
+
+    async def get(self, timeout: float = 10) -> AbstractIncomingMessage:
+        """The next message; fails the test after ``timeout`` seconds without one."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.received.get()
+        except TimeoutError:
+            pytest.fail(f"no message on {self.queue.name} within {timeout}s")
+
+    async def take(self, count: int, timeout: float = 10) -> list[AbstractIncomingMessage]:
+        return [await self.get(timeout) for _ in range(count)]
+
+    def empty(self) -> bool:
+        return self.received.empty()
+
+
+class Broker:
+    """A test's own connection to RabbitMQ, with cleanup of what the test created."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        self.connection = connection
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+        self.exchanges: set[str] = set()
+        self.queues: set[str] = set()
+
+    async def open(self) -> Broker:
+        self.channel = await self.connection.channel()
+        return self
+
+    def forget_later(
+        self, *, exchanges: tuple[str, ...] = (), queues: tuple[str, ...] = ()
+    ) -> None:
+        self.exchanges.update(exchanges)
+        self.queues.update(queues)
+
+    async def tap(
+        self, exchange: str, pattern: str = "#", *, arguments: Mapping[str, Any] | None = None
+    ) -> Tap:
+        """A fresh queue bound to ``exchange`` with ``pattern`` (declaring the exchange)."""
+        assert self.channel is not None
+        ex = await self.channel.declare_exchange(
+            exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        name = f"{exchange}.q.{uuid.uuid4().hex[:6]}"
+        queue = await self.channel.declare_queue(name, arguments=dict(arguments or {}))
+        await queue.bind(ex, pattern)
+        self.forget_later(exchanges=(exchange,), queues=(name,))
+        return await Tap(queue).start()
+
+    async def tap_queue(self, name: str) -> Tap:
+        """Consume an existing queue (such as the unrouted queue the relay declares)."""
+        assert self.channel is not None
+        queue = await self.channel.get_queue(name, ensure=True)
+        self.forget_later(queues=(name,))
+        return await Tap(queue).start()
+
+    async def cleanup(self) -> None:
+        channel = await self.connection.channel()
+        for name in self.queues:
+            try:
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                channel = await self.connection.channel()
+        for name in self.exchanges:
+            try:
+                await channel.exchange_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                channel = await self.connection.channel()
+        await self.connection.close()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    connection = await aio_pika.connect(AMQP_URL)
+    b = await Broker(connection).open()
+    yield b
+    await b.cleanup()
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+
+
+class RunningRelay:
+    """A relay started by the production ``Relay`` class, and an HTTP client for it."""
+
+    def __init__(self, relay: Relay, session: aiohttp.ClientSession) -> None:
+        self.relay = relay
+        self.session = session
+
+    @property
+    def settings(self) -> Settings:
+        return self.relay.settings
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+    async def post(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        token: str | None = TOKEN,
+        content_type: str | None = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """POST raw ``body`` bytes; returns status, parsed JSON body (or text) and headers."""
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers.setdefault("Authorization", f"Bearer {token}")
+        if content_type is not None:
+            all_headers.setdefault("Content-Type", content_type)
+        data: bytes | io.BytesIO = io.BytesIO(body) if len(body) > 512 * 1024 else body
+        async with self.session.post(
+            self.url + path,
+            data=data,
+            headers=all_headers,
+            allow_redirects=False,
+            skip_auto_headers=("Content-Type",),
+        ) as response:
+            return await _answer(response)
+
+    async def event(self, body: bytes, **kwargs: Any) -> Answer:
+        return await self.post(self.settings.http.events_path, body, **kwargs)
+
+    async def get(self, path: str, method: str = "GET") -> Answer:
+        async with self.session.request(method, self.url + path, allow_redirects=False) as r:
+            return await _answer(r)
+
+
+async def _answer(response: aiohttp.ClientResponse) -> Answer:
+    raw = await response.read()
+    try:
+        body: Any = __import__("orjson").loads(raw) if raw else None
+    except ValueError:
+        body = raw.decode(errors="replace")
+    return Answer(response.status, body, response.headers)
+
+
+def relay_environ(names: Names, state_dir: Path, **overrides: str) -> dict[str, str]:
+    """The RELAY_* variables of a test relay: port 0, unique topology, a known token."""
+    environ = {
+        "RELAY_HTTP_PORT": "0",
+        "RELAY_AUTH_TOKENS": TOKEN,
+        "RELAY_AMQP_URL": AMQP_URL,
+        "RELAY_AMQP_EXCHANGE": names.exchange,
+        "RELAY_AMQP_UNROUTED_EXCHANGE": names.unrouted,
+        "RELAY_STATE_DIR": str(state_dir),
+        "RELAY_HTTP_SHUTDOWN_TIMEOUT": "10",
+    }
+    environ.update(overrides)
+    return environ
+
+
+StartRelay = Callable[..., Awaitable[RunningRelay]]
+
+
+@pytest.fixture
+async def start_relay(broker: Broker, names: Names, tmp_path: Path) -> AsyncIterator[StartRelay]:
+    """Start relays with ``RELAY_*`` overrides, as in
+    ``await start_relay(RELAY_AMQP_PUBLISH_TIMEOUT="1")``. Each waits until it can make events
+    durable unless ``wait_durable=False``."""
+    running: list[RunningRelay] = []
+    session = aiohttp.ClientSession()
+
+    async def start(*, wait_durable: bool = True, **overrides: str) -> RunningRelay:
+        environ = relay_environ(names, tmp_path / f"state{len(running)}", **overrides)
+        settings = load_settings(None, environ)
+        broker.forget_later(
+            exchanges=(settings.amqp.exchange, settings.amqp.unrouted_exchange),
+            queues=(settings.amqp.unrouted_exchange,),
+        )
+        relay = Relay(settings)
+        await relay.start()
+        r = RunningRelay(relay, session)
+        running.append(r)
+        if wait_durable:
+            async with asyncio.timeout(15):
+                await relay.wait_durable()
+        return r
+
+    yield start
+    for r in reversed(running):
+        await r.relay.stop()
+    await session.close()
+
+
+@pytest.fixture
+async def relay(start_relay: StartRelay) -> RunningRelay:
+    """One relay with the default test settings."""
+    return await start_relay()
+
+
+@pytest.fixture
+async def fault_proxy() -> AsyncIterator[FaultProxy]:
+    """A TCP proxy in front of RabbitMQ; point ``RELAY_AMQP_URL`` at ``proxy_url(proxy)``."""
+    proxy = await FaultProxy(_broker_port()).start()
+    yield proxy
+    await proxy.close()
+
+
+def proxy_url(proxy: FaultProxy, heartbeat: int | None = None) -> str:
+    base = AMQP_URL.replace(f":{_broker_port()}", f":{proxy.port}")
+    return base if heartbeat is None else f"{base}?heartbeat={heartbeat}"
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` (sync or async) every 20 ms until true; fail after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def assert_only_sentinel_follows(
+    relay: RunningRelay, tap: Tap, event: str = "order.created"
+) -> None:
+    """Prove that nothing else was published: post a fresh sentinel event and check that it is
+    the next message on ``tap`` (the relay publishes on one channel, so anything published
+    earlier would arrive first)."""
+    sentinel = b'{"event":"%s","reference":"sentinel-%s"}' % (
+        event.encode(),
+        uuid.uuid4().hex.encode(),
+    )
+    answer = await relay.event(sentinel)
+    assert answer.status == 200, answer
+    message = await tap.get()
+    assert message.body == sentinel, f"unexpected message before the sentinel: {message.body!r}"

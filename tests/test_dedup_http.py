@@ -1,0 +1,112 @@
+"""Deduplication through the HTTP interface: retries never create copies and never get lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import (
+    Broker,
+    Names,
+    RunningRelay,
+    StartRelay,
+    assert_only_sentinel_follows,
+    fixture_bytes,
+    proxy_url,
+    wait_for,
+)
+from tests.proxy import FaultProxy
+
+
+async def test_same_body_twice_is_published_once(
+    relay: RunningRelay, broker: Broker, names: Names
+) -> None:
+    """RETM's retry of an accepted event is answered ``duplicate`` and not published again."""
+    tap = await broker.tap(names.exchange)
+    raw = fixture_bytes("order.created.json")
+
+    first = await relay.event(raw)
+    second = await relay.event(raw)
+
+    assert first.body["status"] == "accepted"
+    assert second.status == 200
+    assert second.body == {**first.body, "status": "duplicate"}
+    assert (await tap.get()).body == raw
+    await assert_only_sentinel_follows(relay, tap)
+    assert "relay_duplicates_total 1.0" in (await relay.get("/metrics")).body
+
+
+async def test_identical_posts_at_once_publish_one_message(
+    relay: RunningRelay, broker: Broker, names: Names
+) -> None:
+    """Ten identical posts at the same moment: one accepted, nine duplicates, one message."""
+    tap = await broker.tap(names.exchange)
+    raw = fixture_bytes("customer.created.json")
+
+    answers = await asyncio.gather(*(relay.event(raw) for _ in range(10)))
+
+    statuses = sorted(a.body["status"] for a in answers)
+    assert statuses == ["accepted"] + ["duplicate"] * 9
+    assert all(a.status == 200 for a in answers)
+    assert (await tap.get()).body == raw
+    await assert_only_sentinel_follows(relay, tap)
+
+
+async def test_same_reference_from_two_tenants_is_not_a_duplicate(
+    start_relay: StartRelay, broker: Broker, names: Names
+) -> None:
+    """The principal is part of the key: one tenant cannot suppress another's events."""
+    relay = await start_relay(RELAY_AUTH_TOKENS="alpha:token-a,beta:token-b")
+    tap = await broker.tap(names.exchange)
+    raw = b'{"event":"order.created","reference":"shared-ref"}'
+
+    a = await relay.event(raw, token="token-a")
+    b = await relay.event(raw, token="token-b")
+
+    assert (a.body["status"], b.body["status"]) == ("accepted", "accepted")
+    assert (a.body["id"], b.body["id"]) == (
+        "alpha:order.created:shared-ref",
+        "beta:order.created:shared-ref",
+    )
+    messages = await tap.take(2)
+    assert [m.headers["x-retm-business"] for m in messages] == ["alpha", "beta"]
+
+
+async def test_body_without_reference_is_keyed_by_its_hash(
+    relay: RunningRelay, broker: Broker, names: Names
+) -> None:
+    """No ``reference``: the SHA-256 of the body is the key, so an identical retry is absorbed
+    and a different body is not."""
+    tap = await broker.tap(names.exchange)
+    one = b'{"event":"menu.changed","item":1}'
+    two = b'{"event":"menu.changed","item":2}'
+
+    answers = [await relay.event(b) for b in (one, one, two)]
+
+    assert [a.body["status"] for a in answers] == ["accepted", "duplicate", "accepted"]
+    assert [m.body for m in await tap.take(2)] == [one, two]
+
+
+async def test_retry_after_broker_failure_is_published(
+    start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
+) -> None:
+    """A first attempt that failed (broker away, 503) does not block the retry: once the broker
+    is back, the same body is published and answered accepted."""
+    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy))
+    tap = await broker.tap(names.exchange)
+    raw = fixture_bytes("order.refunded.json")
+    publisher = relay.relay.app[__import__("relay.app").app.PUBLISHER]
+
+    fault_proxy.cut()
+    await wait_for(lambda: not publisher.connected.is_set(), what="the link to drop")
+    failed = await relay.event(raw)
+    fault_proxy.restore()
+    await wait_for(publisher.connected.is_set, what="the link to come back")
+    retried = await relay.event(raw)
+
+    assert failed.status == 503
+    assert failed.headers["Retry-After"] == "5"
+    assert failed.body["error"] == "unavailable"
+    assert retried.status == 200
+    assert retried.body["status"] == "accepted"
+    assert (await tap.get()).body == raw
+    await assert_only_sentinel_follows(relay, tap)
