@@ -237,8 +237,6 @@ async def test_routing_key_edge_cases(
 ) -> None:
     """Odd ``event`` values follow the rule, are still published, and the next normal event
     publishes on the same connection."""
-    import orjson
-
     tap = await broker.tap(names.exchange)
     raw = (
         orjson.dumps({"event": event, "reference": "edge"})
