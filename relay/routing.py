@@ -37,12 +37,10 @@ def event_name(value: object) -> str | None:
     retm/webhooks.md §4). Upper case is folded (``Order.Created`` -> ``order.created``); anything
     that is not dotted words of ``[a-z0-9_-]``, or is longer than 255 bytes, gives ``None``.
     """
-    if not isinstance(value, str) or len(value) > MAX_ROUTING_KEY_BYTES:
-        return None
+    if not isinstance(value, str) or len(value) > MAX_ROUTING_KEY_BYTES or not value.isascii():
+        return None  # non-ASCII never qualifies, even where lower() would make it ASCII (K)
     lowered = value.lower()
-    if not lowered.isascii() or not _EVENT_RE.fullmatch(lowered):
-        return None
-    return lowered
+    return lowered if _EVENT_RE.fullmatch(lowered) else None
 
 
 def segment(value: object) -> str:

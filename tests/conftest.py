@@ -12,6 +12,7 @@ import asyncio
 import io
 import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -225,7 +227,7 @@ class RunningRelay:
 async def _answer(response: aiohttp.ClientResponse) -> Answer:
     raw = await response.read()
     try:
-        body: Any = __import__("orjson").loads(raw) if raw else None
+        body: Any = orjson.loads(raw) if raw else None
     except ValueError:
         body = raw.decode(errors="replace")
     return Answer(response.status, body, response.headers)
@@ -329,3 +331,86 @@ async def assert_only_sentinel_follows(
     assert answer.status == 200, answer
     message = await tap.get()
     assert message.body == sentinel, f"unexpected message before the sentinel: {message.body!r}"
+
+
+class RelayProcess:
+    """``python -m relay serve`` as a real child process (JSON logs on stdout), for signals.
+
+    ``start()`` waits for the ``relay.listening`` log line and learns the bound URL from it;
+    ``lines`` keeps every parsed log line; ``wait_log(event)`` waits for a line by event name.
+    """
+
+    def __init__(self, environ: Mapping[str, str], args: tuple[str, ...] = ()) -> None:
+        self.environ = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "RELAY_LOG_FORMAT": "json",
+            **environ,
+        }
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
+        self.url = ""
+        self._new_line = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, *, wait_listening: bool = True) -> RelayProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            *self.args,
+            env=self.environ,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        self._reader = asyncio.create_task(self._read())
+        if wait_listening:
+            line = await self.wait_log("relay.listening")
+            self.url = line["url"]
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.raw.append(raw)
+            try:
+                self.lines.append(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                self.lines.append({"event": "<non-json>", "text": raw.decode(errors="replace")})
+            self._new_line.set()
+
+    async def wait_log(self, event: str, timeout: float = 30) -> dict[str, Any]:
+        """The first log line whose ``event`` is ``event`` (waiting for it)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.lines:
+                    if line.get("event") == event:
+                        return line
+                exited = self.proc is not None and self.proc.returncode is not None
+                if exited and self._reader is not None and self._reader.done():
+                    pytest.fail(f"relay exited before logging {event}: {self.output()}")
+                self._new_line.clear()
+                await self._new_line.wait()
+
+    def output(self) -> str:
+        return b"".join(self.raw).decode(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.app import PUBLISHER
 from tests.conftest import (
     Broker,
     Names,
@@ -94,7 +95,7 @@ async def test_retry_after_broker_failure_is_published(
     relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy))
     tap = await broker.tap(names.exchange)
     raw = fixture_bytes("order.refunded.json")
-    publisher = relay.relay.app[__import__("relay.app").app.PUBLISHER]
+    publisher = relay.relay.app[PUBLISHER]
 
     fault_proxy.cut()
     await wait_for(lambda: not publisher.connected.is_set(), what="the link to drop")
