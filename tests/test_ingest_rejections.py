@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 
@@ -252,4 +253,64 @@ async def test_routing_key_edge_cases(
     assert (message.routing_key, message.body) == (routing_key, raw)
     if routing_key == "unrecognized" and isinstance(event, str):
         assert message.headers["x-retm-event-raw"] == event[:255]
+    await assert_only_sentinel_follows(relay, tap)
+
+
+RAW_REQUESTS = [
+    pytest.param(b"GARBAGE\r\n\r\n", id="garbage-request-line"),
+    pytest.param(
+        b"POST /retm/events HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+        id="bad-content-length",
+    ),
+    pytest.param(
+        b"POST /retm/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Authorization: Bearer test-token-0123456789abcdef\r\n"
+        b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        id="bad-chunk-size",
+    ),
+    pytest.param(
+        b"POST /retm/events HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+        id="header-too-large",
+    ),
+    pytest.param(
+        b"POST /retm/events HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Content-Length: 6\r\n\r\n{}",
+        id="two-content-lengths",
+    ),
+]
+
+
+@pytest.mark.parametrize("request_bytes", RAW_REQUESTS)
+async def test_malformed_http_is_a_4xx(
+    relay: RunningRelay, broker: Broker, names: Names, request_bytes: bytes
+) -> None:
+    """Malformed HTTP framing is answered 4xx by the server, never 5xx, and publishes nothing."""
+    tap = await broker.tap(names.exchange)
+    host, port = relay.relay.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request_bytes)
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    status = int(status_line.split()[1])
+    assert 400 <= status < 500, status_line
+    await assert_only_sentinel_follows(relay, tap)
+
+
+async def test_client_gone_mid_body_publishes_nothing(
+    relay: RunningRelay, broker: Broker, names: Names
+) -> None:
+    """A sender that promises 1,000 bytes, sends 10 and hangs up publishes nothing, and the relay
+    keeps serving."""
+    tap = await broker.tap(names.exchange)
+    host, port = relay.relay.addresses[0]
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /retm/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b"Authorization: Bearer test-token-0123456789abcdef\r\n"
+        b"Content-Type: application/json\r\n\r\n" + GOOD[:10]
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
     await assert_only_sentinel_follows(relay, tap)
