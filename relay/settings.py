@@ -437,12 +437,23 @@ def validate(s: Settings) -> None:
     _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
 
 
+def _mask_url(value: str) -> str:
+    """A URL with its password masked (``amqp://guest:********@host/``); other secrets fully."""
+    parts = urlsplit(value)
+    if not parts.scheme or "://" not in value:
+        return "********"
+    if parts.password is None:
+        return value
+    netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def describe(s: Settings) -> dict[str, Any]:
     """The settings as plain data with every secret masked, for ``check-config`` and logs."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Secret):
-            return "********"
+            return _mask_url(value.value)
         if isinstance(value, TokenSpec):
             return {"token": "********", "business": value.business}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -147,6 +147,8 @@ class Broker:
         return await Tap(queue).start()
 
     async def cleanup(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()  # cancels this test's consumers before their queues go
         channel = await self.connection.channel()
         for name in self.queues:
             try:
