@@ -53,9 +53,6 @@ def _services_answer() -> None:
         pytest.fail(f"RabbitMQ does not answer at {AMQP_URL} ({exc}); run `make test`")
 
 
-@pytest.fixture
-def names() -> Names:
-    return Names()
 
 
 @dataclass
@@ -169,6 +166,14 @@ async def broker() -> AsyncIterator[Broker]:
     b = await Broker(connection).open()
     yield b
     await b.cleanup()
+
+
+@pytest.fixture
+def names(broker: Broker) -> Names:
+    """Unique names for the test; the relay topology under them is deleted afterwards."""
+    n = Names()
+    broker.forget_later(exchanges=(n.exchange, n.unrouted), queues=(n.unrouted,))
+    return n
 
 
 @dataclass
