@@ -53,8 +53,6 @@ def _services_answer() -> None:
         pytest.fail(f"RabbitMQ does not answer at {AMQP_URL} ({exc}); run `make test`")
 
 
-
-
 @dataclass
 class Names:
     """Unique exchange and queue names for one test."""
