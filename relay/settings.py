@@ -196,6 +196,8 @@ def _build_section(name: str, cls: type, table: dict[str, Any], environ: Mapping
     for f in dataclasses.fields(cls):
         key = f"{name}.{f.name}"
         env_name = f"{ENV_PREFIX}{name}_{f.name}".upper()
+        in_toml = f.name in table
+        toml_value = table.pop(f.name, None)  # an environment variable overrides it
         if env_name in environ:
             values[f.name] = _from_env(key, hints[f.name], environ[env_name])
         elif f"{env_name}_FILE" in environ and key in _SECRET_KEYS:
@@ -205,8 +207,8 @@ def _build_section(name: str, cls: type, table: dict[str, Any], environ: Mapping
             except OSError as exc:
                 raise ConfigError(key, f"cannot read {env_name}_FILE: {exc.strerror}") from None
             values[f.name] = _from_env(key, hints[f.name], text.strip(), multiline=True)
-        elif f.name in table:
-            values[f.name] = _from_toml(key, hints[f.name], table.pop(f.name))
+        elif in_toml:
+            values[f.name] = _from_toml(key, hints[f.name], toml_value)
     if table:
         raise ConfigError(f"{name}.{sorted(table)[0]}", "unknown key")
     if name == "state" and "dir" not in values and environ.get("STATE_DIRECTORY"):
