@@ -123,7 +123,7 @@ def _json_default(value: object) -> Any:
         return value.decode("utf-8", "replace")
     if isinstance(value, datetime):
         return value.isoformat()
-    raise TypeError
+    return str(value)  # AMQP decimals and anything else a publisher may put in a header
 
 
 def format_json(message: AbstractIncomingMessage) -> bytes:
@@ -168,6 +168,28 @@ async def run(
     """Bind and print until SIGINT/SIGTERM, or until ``count`` events were printed; returns
     the number printed. Raises TailError (with a message for the operator) when the broker is
     unreachable, an exchange does not exist or the link breaks."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await _tail(settings, pattern, exchange, as_json, count, out, err, stop)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _tail(
+    settings: Settings,
+    pattern: str,
+    exchange: str | None,
+    as_json: bool,
+    count: int | None,
+    out: TextIO,
+    err: TextIO,
+    stop: asyncio.Event,
+) -> int:
     address = broker_address(settings.amqp.url.value)
     try:
         connection = await aio_pika.connect(
@@ -180,8 +202,6 @@ async def run(
     except (*CONNECTION_EXCEPTIONS, TimeoutError, OSError) as exc:
         raise TailError(f"cannot connect to the broker at {address}: {exc}") from None
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     lost: list[str] = []
     received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
@@ -190,42 +210,35 @@ async def run(
             lost.append(str(exc) if exc else "closed")
             stop.set()
 
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
     printed = 0
-    try:
-        async with connection:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=PREFETCH)
-            queue = await channel.declare_queue(
-                None,
-                exclusive=True,
-                auto_delete=True,
-                arguments={"x-max-length": MAX_BACKLOG, "x-overflow": "drop-head"},
-            )
-            targets = (exchange,) if exchange else exchanges_for_pattern(settings, pattern)
-            for name in targets:
-                try:
-                    await channel.get_exchange(name, ensure=True)
-                except ChannelNotFoundEntity:
-                    raise TailError(
-                        f"exchange {name!r} does not exist on {address}: start the relay once "
-                        "or run `retm-relay declare`"
-                    ) from None
-                await queue.bind(name, pattern)
-            connection.close_callbacks.add(on_close)
-            await queue.consume(received.put, no_ack=True)
-            err.write(
-                f"retm-relay tail: listening on {queue.name}, bound to "
-                f"{', '.join(targets)} with {pattern!r} (Ctrl-C stops)\n"
-            )
-            err.flush()
-            printed = await _print_until_stopped(received, stop, as_json, count, out, err)
-            stop.set()  # closing the connection from here on is not a lost link
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await channel.declare_queue(
+            None,
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": MAX_BACKLOG, "x-overflow": "drop-head"},
+        )
+        targets = (exchange,) if exchange else exchanges_for_pattern(settings, pattern)
+        for name in targets:
+            try:
+                await channel.get_exchange(name, ensure=True)
+            except ChannelNotFoundEntity:
+                raise TailError(
+                    f"exchange {name!r} does not exist on {address}: start the relay once "
+                    "or run `retm-relay declare`"
+                ) from None
+            await queue.bind(name, pattern)
+        connection.close_callbacks.add(on_close)
+        await queue.consume(received.put, no_ack=True)
+        err.write(
+            f"retm-relay tail: listening on {queue.name}, bound to "
+            f"{', '.join(targets)} with {pattern!r} (Ctrl-C stops)\n"
+        )
+        err.flush()
+        printed = await _print_until_stopped(received, stop, as_json, count, out, err)
+        stop.set()  # closing the connection from here on is not a lost link
     if lost:
         raise TailError(f"the broker link was lost after {printed} events: {lost[0]}")
     return printed
