@@ -222,7 +222,7 @@ def _build_section(name: str, cls: type, table: dict[str, Any], environ: Mapping
         key = f"{name}.{f.name}"
         env_name = f"{ENV_PREFIX}{name}_{f.name}".upper()
         in_toml = f.name in table
-        toml_value = table.pop(f.name, None)  # an environment variable overrides it
+        toml_value = table.pop(f.name, None)
         if env_name in environ:
             values[f.name] = _from_env(key, hints[f.name], environ[env_name])
         elif f"{env_name}_FILE" in environ and key in _SECRET_KEYS:
