@@ -227,9 +227,19 @@ async def test_status_page_shows_unready_reasons_and_the_spool(
     relay = await start_relay(
         wait_durable=False, RELAY_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/"
     )
-    # The spool stage (another issue) reports this shape; render whatever it says.
+    # The shape of the spool stage's /health section (issue 3, relay/spool.py status()),
+    # registered here by hand on a relay without a spool.
     relay.relay.app[HEALTH].add_detail(
-        "spool", lambda: {"depth": 3, "bytes": 2048, "oldest_age_seconds": 75.5}
+        "spool",
+        lambda: {
+            "path": "/var/lib/retm-relay/spool.sqlite3",
+            "open": True,
+            "events": 3,
+            "bytes": 2048,
+            "oldest_age_seconds": 75.5,
+            "max_events": 100000,
+            "full": False,
+        },
     )
 
     status = await StatusPage.open(browser, relay.url)
@@ -242,9 +252,11 @@ async def test_status_page_shows_unready_reasons_and_the_spool(
     assert reason.startswith("broker link down: ")
     assert values[("checks", "broker")][0] == reason
     assert values[("broker", "connected")][0] == "no"
-    assert values[("spool", "depth")][0] == "3"
+    assert values[("spool", "events")][0] == "3"
     assert values[("spool", "oldest_age_seconds")][0] == "1m 15s"
     assert values[("spool", "bytes")][0] == "2048"
+    assert values[("spool", "full")][0] == "no"
+    assert values[("spool", "path")][0] == "/var/lib/retm-relay/spool.sqlite3"
     assert await status.page.query_selector("#spool-na") is None
     assert status.errors == []
 
