@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= config/relay.example.toml
 
-.PHONY: run test lint format venv services clean
+.PHONY: run test lint format venv services browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 services:
 	@bash deploy/scripts/ensure-services.sh rabbitmq redis
+
+# Debian's Chromium for the status page's browser tests (installed with apt-get when missing).
+browser:
+	@bash deploy/scripts/ensure-chromium.sh
 
 # A random development token, kept out of the repository; the README's curl examples use it.
 var/dev-token: | $(STAMP)
@@ -35,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint services
+test: lint services browser
 	$(BIN)/pytest
 
 format: $(STAMP)

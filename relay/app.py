@@ -20,6 +20,7 @@ from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
 from relay.settings import Settings
+from relay.status import StatusPage
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -101,6 +102,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics_handler)
+    app.router.add_get("/", StatusPage().handler)
 
     health.add_check(
         "broker",

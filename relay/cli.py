@@ -56,7 +56,135 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fail(command: str, message: str, code: int = EXIT_FAILURE) -> int:
+    sys.stderr.write(f"retm-relay {command}: {message}\n")
+    return code
+
+
+def _quiet_library_logs() -> None:
+    """The operator commands report failures themselves: keep aio-pika's and aiormq's log
+    records (Python's last-resort handler) off the terminal."""
+    import logging  # noqa: PLC0415
+
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout was closed by its reader (``| head``): stop quietly, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    """POST each FILE (``-``: stdin) to the relay with the configured token; print answers."""
+    from tqdm import tqdm  # noqa: PLC0415 - keep the other commands light
+
+    from relay import send  # noqa: PLC0415
+
+    path = args.path or (settings.http.errors_path if args.errors else settings.http.events_path)
+    try:
+        url = args.url or send.default_url(settings, path)
+    except ConfigError as exc:
+        return _fail("send", f"configuration error: {exc}", EXIT_USAGE)
+    token = args.token or send.first_token(settings)
+    if not token:
+        return _fail(
+            "send",
+            "no token: set auth.tokens (RELAY_AUTH_TOKENS or RELAY_AUTH_TOKENS_FILE) "
+            "or pass --token",
+            EXIT_USAGE,
+        )
+    bodies: list[tuple[str, bytes]] = []
+    for name in args.files:
+        try:
+            bodies.append((name, send.read_body(name, sys.stdin.buffer)))
+        except OSError as exc:
+            return _fail("send", f"cannot read {name}: {exc.strerror}", EXIT_USAGE)
+    failed = 0
+    many = len(bodies) > 1
+    with tqdm(
+        total=len(bodies), unit=" bodies", file=sys.stderr, disable=None if many else True
+    ) as bar:
+        for name, body in bodies:
+            try:
+                answer = send.post(url, body, token, args.timeout)
+            except send.SendError as exc:
+                return _fail("send", str(exc))
+            line = f"{name}: {answer.text()}" if many else answer.text()
+            if bar.disable:
+                sys.stdout.write(line + "\n")
+            else:
+                tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+            failed += not answer.ok
+            bar.update(1)
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the events published to the exchange(s), live, until Ctrl-C."""
+    from relay.settings import is_binding_pattern  # noqa: PLC0415
+    from relay.tail import TailError, run  # noqa: PLC0415
+
+    _quiet_library_logs()
+    if not is_binding_pattern(args.pattern):
+        return _fail(
+            "tail",
+            f"{args.pattern!r} is not a binding pattern (dotted words of [a-z0-9_-], '*', '#')",
+            EXIT_USAGE,
+        )
+    try:
+        printed = _run(
+            run(
+                settings,
+                args.pattern,
+                exchange=args.exchange,
+                as_json=args.json,
+                count=args.count,
+                out=sys.stdout,
+                err=sys.stderr,
+            )
+        )
+    except TailError as exc:
+        return _fail("tail", str(exc))
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    sys.stderr.write(f"retm-relay tail: {printed} event{'' if printed == 1 else 's'}\n")
+    return EXIT_OK
+
+
+def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
+    """Declare the relay's topology and the consumer queues; print what exists."""
+    import dataclasses  # noqa: PLC0415
+
+    from relay.errors import TopologyError  # noqa: PLC0415
+    from relay.topology import declare_all, format_table  # noqa: PLC0415
+
+    _quiet_library_logs()
+    if args.passive:
+        settings = dataclasses.replace(
+            settings, amqp=dataclasses.replace(settings.amqp, passive=True)
+        )
+    try:
+        rows = _run(declare_all(settings))
+    except TopologyError as exc:
+        return _fail("declare", str(exc))
+    sys.stdout.write(format_table(rows))
+    return EXIT_OK
+
+
 Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +230,70 @@ def build_parser() -> argparse.ArgumentParser:
         "RELAY_AMQP_PUBLISH_TIMEOUT=3 retm-relay check-config --show",
     )
     check.add_argument("--show", action="store_true", help="print the settings, secrets masked")
+
+    send_p = add(
+        "send",
+        cmd_send,
+        "post bodies to a running relay with the configured token and print each answer "
+        "(exit 0 when every answer is 2xx, 1 otherwise)",
+        "retm-relay send tests/fixtures/order.created.json\n"
+        "  retm-relay send --errors tests/fixtures/error.webhook.json\n"
+        '  echo \'{"event":"order.created","reference":"r1"}\' | retm-relay send -',
+    )
+    send_p.add_argument("files", nargs="+", metavar="FILE", help="JSON body to post; - for stdin")
+    target = send_p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--url",
+        help="full URL to post to (default: http://<http.host>:<http.port><http.events_path>)",
+    )
+    target.add_argument("--path", help="post to this path of the relay instead of events_path")
+    target.add_argument(
+        "--errors", action="store_true", help="post to http.errors_path (RETM's error webhook)"
+    )
+    send_p.add_argument(
+        "--token",
+        help="Bearer token (default: the first of auth.tokens; prefer RELAY_AUTH_TOKENS_FILE, "
+        "as a command line is visible to other users)",
+    )
+    send_p.add_argument(
+        "--timeout", type=float, default=15.0, help="seconds to wait for each answer (15)"
+    )
+
+    tail_p = add(
+        "tail",
+        cmd_tail,
+        "print the events the relay publishes, live, one line each (routing key, business, "
+        "reference, summary), through a temporary exclusive queue",
+        "retm-relay tail 'order.#'\n  retm-relay tail --json 'customer.*' | jq .body",
+    )
+    tail_p.add_argument(
+        "pattern", nargs="?", default="#", help="binding pattern (default #: every event)"
+    )
+    tail_p.add_argument("--json", action="store_true", help="print each whole message as JSON")
+    tail_p.add_argument(
+        "--exchange",
+        help="bind to this exchange (default: the event exchange(s) the pattern needs; "
+        "amqp.unrouted_exchange shows unrouted events)",
+    )
+    tail_p.add_argument(
+        "--count",
+        type=_positive_int,
+        metavar="N",
+        help="exit after N events (default: run until Ctrl-C)",
+    )
+
+    declare_p = add(
+        "declare",
+        cmd_declare,
+        "declare the relay's exchanges and the consumer queues of consumers.queues (quorum "
+        "queues with a dead-letter exchange), idempotently, and print what exists",
+        "RELAY_CONSUMERS_QUEUES='erp.orders=order.#,crm.customers=customer.*' retm-relay declare",
+    )
+    declare_p.add_argument(
+        "--passive",
+        action="store_true",
+        help="only check that everything exists (as amqp.passive does), declare nothing",
+    )
     return parser
 
 

@@ -56,7 +56,8 @@ class Health:
         return json_response({"status": "unready", "reasons": reasons, "checks": checks}, 503)
 
     def details(self) -> dict[str, Any]:
-        """Everything ``/health`` shows."""
+        """Everything ``/health`` shows. ``events_per_minute``: events published in the last
+        60 seconds, by event; ``uptime_seconds``: seconds since start."""
         ready, checks = self.readiness()
         m = self.metrics
         now = time.time()
@@ -72,6 +73,7 @@ class Health:
                 "rejected_by_reason": m.rejected_by_reason,
             },
             "last_event_at": {event: _iso(at) for event, at in sorted(m.last_event_at.items())},
+            "events_per_minute": m.recent.counts(),
         }
         for name, provider in self._details.items():
             result[name] = provider()

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay import __version__
+from relay.rates import RecentCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_EVENT_LABELS = 200  # event names come from RETM; past this many, they count as "other"
@@ -120,6 +121,8 @@ class Metrics:
         self.published_by_event: dict[str, int] = {}
         self.rejected_by_reason: dict[str, int] = {}
         self.last_event_at: dict[str, float] = {}
+        #: events published in the last minute, by event (the status page's events per minute)
+        self.recent = RecentCounts(window=60)
 
     def gauge_callback(self, name: str, doc: str, callback: Callable[[], float]) -> None:
         """Export ``callback()`` as gauge ``name`` at every scrape."""
@@ -153,6 +156,7 @@ class Metrics:
         self._child(self._published, event).inc()
         self._confirm_seconds.observe(confirm_seconds)
         self.published_by_event[event] = self.published_by_event.get(event, 0) + 1
+        self.recent.add(event)
         self.last_event_at[event] = time.time()
 
     def duplicate(self) -> None:

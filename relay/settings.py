@@ -121,6 +121,30 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One consumer queue that ``retm-relay declare`` creates: a durable quorum queue ``name``,
+    bound with each topic pattern of ``bindings`` (``order.#``, ``customer.*``) to ``exchange``,
+    by default to every event exchange that can carry matching routing keys. Messages a consumer
+    rejects (or that expire) are dead-lettered to the queue ``<name>.dead``."""
+
+    name: str
+    bindings: tuple[str, ...]
+    exchange: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    """The consumer queues ``retm-relay declare`` creates, and the dead-letter exchange (direct)
+    their rejected messages go through; empty means ``<amqp.exchange>.dlx``. The relay itself
+    never declares these: consumers own their queues, this only sets them up the standard way.
+    Environment form: ``RELAY_CONSUMERS_QUEUES="erp.orders=order.#,crm.customers=customer.*"``
+    (a name repeated adds a binding)."""
+
+    queues: tuple[QueueSpec, ...] = ()
+    dead_letter_exchange: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration. ``source`` says where it came from (a path, or ``defaults``)."""
 
@@ -130,6 +154,7 @@ class Settings:
     dedup: DedupSettings = field(default_factory=DedupSettings)
     state: StateSettings = field(default_factory=StateSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    consumers: ConsumerSettings = field(default_factory=ConsumerSettings)
     source: str = "defaults"
 
 
@@ -242,6 +267,8 @@ def _from_toml(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, "must be a list of tokens or {token, business} tables")
         return tuple(_token_from_toml(key, item) for item in value)
+    if key == "consumers.queues":
+        return _queues_from_toml(key, value)
     return _coerce(key, tp, value)
 
 
@@ -253,6 +280,37 @@ def _token_from_toml(key: str, item: Any) -> TokenSpec:
         if isinstance(token, str) and (business is None or isinstance(business, str)):
             return TokenSpec(Secret(token), business)
     raise ConfigError(key, "each entry must be a string or a {token, business} table")
+
+
+def _queues_from_toml(key: str, value: Any) -> tuple[QueueSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, "must be a list of {name, bindings, exchange} tables")
+    queues = []
+    for item in value:
+        if not isinstance(item, dict) or not {"name", "bindings"} <= set(item):
+            raise ConfigError(key, "each entry must be a table with name and bindings")
+        if not set(item) <= {"name", "bindings", "exchange"}:
+            unknown = sorted(set(item) - {"name", "bindings", "exchange"})[0]
+            raise ConfigError(f"{key}.{unknown}", "unknown key")
+        name, bindings, exchange = item["name"], item["bindings"], item.get("exchange")
+        if isinstance(bindings, str):
+            bindings = [bindings]
+        if not isinstance(name, str) or not isinstance(exchange, str | None):
+            raise ConfigError(key, "name and exchange must be strings")
+        if not isinstance(bindings, list) or not all(isinstance(b, str) for b in bindings):
+            raise ConfigError(f"{key}.bindings", "must be a list of binding patterns")
+        queues.append(QueueSpec(name, tuple(bindings), exchange))
+    return tuple(queues)
+
+
+def _queues_from_env(key: str, text: str) -> tuple[QueueSpec, ...]:
+    bindings: dict[str, list[str]] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, pattern = part.partition("=")
+        if not sep:
+            raise ConfigError(key, "must be queue=pattern pairs separated by commas")
+        bindings.setdefault(name.strip(), []).append(pattern.strip())
+    return tuple(QueueSpec(name, tuple(patterns)) for name, patterns in bindings.items())
 
 
 def _from_env(key: str, tp: Any, text: str, *, multiline: bool = False) -> Any:
@@ -268,6 +326,8 @@ def _from_env(key: str, tp: Any, text: str, *, multiline: bool = False) -> Any:
             else:
                 tokens.append(TokenSpec(Secret(part)))
         return tuple(tokens)
+    if key == "consumers.queues":
+        return _queues_from_env(key, text)
     if tp is Secret:
         return Secret(text)
     origin = get_origin(tp)
@@ -435,6 +495,67 @@ def validate(s: Settings) -> None:
         "must start with redis://, rediss:// or unix://",
     )
     _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
+    _validate_consumers(s)
+
+
+_PATTERN_RE = re.compile(r"(?:[a-z0-9_-]+|\*|#)(?:\.(?:[a-z0-9_-]+|\*|#))*")
+
+
+def is_binding_pattern(pattern: str) -> bool:
+    """True when ``pattern`` is a topic binding pattern that can match the relay's routing
+    keys: dotted words of ``[a-z0-9_-]``, ``*`` (one word) or ``#`` (any number of words)."""
+    return len(pattern) <= 255 and bool(_PATTERN_RE.fullmatch(pattern))
+
+
+def dead_letter_exchange(s: Settings) -> str:
+    """The dead-letter exchange of the consumer queues: ``consumers.dead_letter_exchange``, else
+    ``<amqp.exchange>.dlx``."""
+    return s.consumers.dead_letter_exchange or f"{s.amqp.exchange}.dlx"
+
+
+def _validate_consumers(s: Settings) -> None:
+    key = "consumers.queues"
+    relay_exchanges = {s.amqp.exchange, *s.amqp.exchanges.values(), s.amqp.unrouted_exchange}
+    dlx = dead_letter_exchange(s)
+    _check(
+        bool(_NAME_RE.fullmatch(dlx)) and not dlx.startswith("amq."),
+        "consumers.dead_letter_exchange",
+        "must be 1-255 of letters, digits, '_.:-', not starting with 'amq.'",
+    )
+    _check(
+        dlx not in relay_exchanges,
+        "consumers.dead_letter_exchange",
+        "must differ from the relay's exchanges",
+    )
+    names: set[str] = set()
+    for queue in s.consumers.queues:
+        for name in (queue.name, f"{queue.name}.dead"):
+            _check(
+                len(name) <= 255 and bool(_NAME_RE.fullmatch(name)),
+                key,
+                f"queue name {name!r} must be 1-255 of letters, digits, '_.:-'",
+            )
+            _check(not name.startswith("amq."), key, f"queue name {name!r} is reserved (amq.)")
+            _check(name not in names, key, f"queue {name!r} is listed twice")
+            _check(
+                name != s.amqp.unrouted_exchange,
+                key,
+                f"queue {name!r} is the relay's unrouted queue",
+            )
+            names.add(name)
+        _check(bool(queue.bindings), key, f"queue {queue.name!r} needs at least one binding")
+        for pattern in queue.bindings:
+            _check(
+                is_binding_pattern(pattern),
+                key,
+                f"binding {pattern!r} of {queue.name!r} must be dotted words of [a-z0-9_-], "
+                "'*' or '#'",
+            )
+        _check(
+            queue.exchange is None or queue.exchange in relay_exchanges,
+            key,
+            f"exchange {queue.exchange!r} of {queue.name!r} is not one of the relay's exchanges",
+        )
 
 
 def _mask_url(value: str) -> str:

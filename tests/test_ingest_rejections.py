@@ -203,7 +203,7 @@ async def test_other_methods_on_webhook_path_get_405(relay: RunningRelay, method
 
 
 @pytest.mark.parametrize(
-    "path", ["/retm/events/", "/retm/event", "/", "/retm/events/x", "/RETM/events"]
+    "path", ["/retm/events/", "/retm/event", "/retm/events/x", "/RETM/events", "/status"]
 )
 async def test_unknown_paths_get_404_without_redirect(relay: RunningRelay, path: str) -> None:
     """A trailing slash or another path is 404 with a JSON body, never a redirect."""

@@ -1,0 +1,183 @@
+"""``retm-relay declare``: the relay's topology and the consumer queues, on real RabbitMQ."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from tests.cli import cli_environ, closed_port, run_cli
+from tests.conftest import AMQP_URL, Broker, Names, StartRelay, fixture_bytes, wait_for
+
+
+@pytest.fixture
+def env(tmp_path: Path, names: Names, broker: Broker) -> dict[str, str]:
+    """Settings with two consumer queues of unique names; everything declare may create is
+    deleted afterwards."""
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    erp, crm = names("erp"), names("crm")
+    broker.forget_later(
+        exchanges=(names.exchange, names.unrouted, f"{names.exchange}.dlx"),
+        queues=(names.unrouted, erp, f"{erp}.dead", crm, f"{crm}.dead"),
+    )
+    return cli_environ(
+        config,
+        RELAY_AMQP_URL=AMQP_URL,
+        RELAY_AMQP_EXCHANGE=names.exchange,
+        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+        RELAY_CONSUMERS_QUEUES=f"{erp}=order.#,{erp}=customer.created,{crm}=customer.*",
+    )
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The rows of declare's table, each split into its six columns."""
+    lines = stdout.splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == [
+        "KIND",
+        "NAME",
+        "TYPE",
+        "MESSAGES",
+        "CONSUMERS",
+        "DETAIL",
+    ]
+    return [re.split(r"\s{2,}", line, maxsplit=5) for line in lines[1:]]
+
+
+async def test_declare_creates_everything_and_prints_what_exists(
+    env: dict[str, str], names: Names, start_relay: StartRelay
+) -> None:
+    """declare creates the relay's exchanges, the dead-letter exchange and each consumer queue
+    with its dead-letter queue, prints them, and a second run changes nothing."""
+    result = await run_cli("declare", env=env)
+
+    assert result.code == 0, result
+    x, dlx, erp, crm = names.exchange, f"{names.exchange}.dlx", names("erp"), names("crm")
+    assert table(result.stdout) == [
+        ["exchange", x, "topic", "-", "-", "events"],
+        ["exchange", names.unrouted, "fanout", "-", "-", "events no queue was bound for"],
+        ["queue", names.unrouted, "durable", "0", "0", f"bound to {names.unrouted}"],
+        ["exchange", dlx, "direct", "-", "-", "dead letters of the queues below"],
+        [
+            "queue",
+            erp,
+            "quorum",
+            "0",
+            "0",
+            f"bound to {x} order.#, {x} customer.created; dead letters to {erp}.dead",
+        ],
+        ["queue", f"{erp}.dead", "quorum", "0", "0", f"bound to {dlx} {erp}"],
+        ["queue", crm, "quorum", "0", "0", f"bound to {x} customer.*; dead letters to {crm}.dead"],
+        ["queue", f"{crm}.dead", "quorum", "0", "0", f"bound to {dlx} {crm}"],
+    ]
+    again = await run_cli("declare", env=env)
+    assert again.code == 0, again
+    assert again.stdout == result.stdout
+
+    # The queues really are quorum queues: redeclaring one as classic is refused.
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(ChannelPreconditionFailed):
+            await channel.declare_queue(erp, durable=True, arguments={"x-queue-type": "classic"})
+
+
+async def test_declared_queues_receive_their_events_and_dead_letters(
+    env: dict[str, str], names: Names, start_relay: StartRelay
+) -> None:
+    """Through a real relay: each consumer queue receives what its bindings select, and a
+    message its consumer rejects lands in ``<queue>.dead``."""
+    assert (await run_cli("declare", env=env)).code == 0
+    relay = await start_relay()
+    erp, crm = names("erp"), names("crm")
+    order, customer = fixture_bytes("order.created.json"), fixture_bytes("customer.updated.json")
+    assert (await relay.event(order)).status == 200
+    assert (await relay.event(customer)).status == 200
+
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        erp_queue = await channel.get_queue(erp, ensure=True)
+        crm_queue = await channel.get_queue(crm, ensure=True)
+        first = await erp_queue.get(timeout=5)
+        assert (first.routing_key, first.body) == ("order.created", order)
+        assert await erp_queue.get(fail=False) is None  # customer.updated is not for erp
+        crm_message = await crm_queue.get(timeout=5)
+        assert crm_message.body == customer
+        await crm_message.ack()
+
+        await first.reject(requeue=False)
+        dead_queue = await channel.get_queue(f"{erp}.dead", ensure=True)
+        dead_letters: list[AbstractIncomingMessage] = []
+
+        async def dead_lettered() -> bool:  # dead-lettering is asynchronous in the broker
+            message = await dead_queue.get(fail=False)
+            if message is not None:
+                dead_letters.append(message)
+            return bool(dead_letters)
+
+        await wait_for(dead_lettered, what="the rejected message in the dead-letter queue")
+        (dead,) = dead_letters
+        assert dead.body == order
+        assert dead.message_id == first.message_id
+        await dead.ack()
+
+
+async def test_declare_fails_on_a_queue_with_other_arguments(
+    env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """A consumer queue that exists as a classic queue: exit 1 naming it; nothing is changed."""
+    erp = names("erp")
+    assert broker.channel is not None
+    await broker.channel.declare_queue(erp, durable=True)
+
+    result = await run_cli("declare", env=env)
+
+    assert result.code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        f"retm-relay declare: queue '{erp}' exists on the broker with other arguments ("
+    )
+    assert "delete it or rename it in consumers.queues" in result.stderr
+
+
+async def test_declare_passive_fails_when_queues_are_missing(
+    env: dict[str, str], names: Names
+) -> None:
+    """``--passive`` only checks: with nothing declared, exit 1 naming what is missing."""
+    result = await run_cli("declare", "--passive", env=env)
+
+    assert result.code == 1
+    assert result.stderr.startswith("retm-relay declare: exchange ")
+    assert "does not exist and amqp.passive is set" in result.stderr
+
+
+async def test_declare_fails_when_the_broker_does_not_answer(env: dict[str, str]) -> None:
+    """No broker at amqp.url: exit 1 with the address and no credentials."""
+    port = closed_port()
+    env["RELAY_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    result = await run_cli("declare", env=env)
+
+    assert result.code == 1
+    assert result.stderr.startswith(
+        f"retm-relay declare: cannot connect to the broker at 127.0.0.1:{port}/"
+    )
+    assert result.stderr.count("\n") == 1
+    assert "guest:guest" not in result.stderr
+
+
+async def test_declare_with_a_bad_binding_is_a_configuration_error(env: dict[str, str]) -> None:
+    """A binding that can never match (upper case): exit 2 naming the key, before connecting."""
+    env["RELAY_CONSUMERS_QUEUES"] = "erp=Order.#"
+
+    result = await run_cli("declare", env=env)
+
+    assert result.code == 2
+    assert result.stderr.startswith(
+        "retm-relay: configuration error: consumers.queues: binding 'Order.#' of 'erp'"
+    )

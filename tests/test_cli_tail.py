@@ -1,0 +1,158 @@
+"""``retm-relay tail``: live events through a temporary exclusive queue, against real RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from relay.auth import token_digest
+from tests.cli import CliProcess, cli_environ, closed_port, run_cli
+from tests.conftest import AMQP_URL, TOKEN, Broker, Names, RunningRelay, fixture_bytes
+
+PRINCIPAL = f"token-{token_digest(TOKEN).hex()[:8]}"
+
+ORDER_LINE = (
+    "order.created        nakheelember   e10270cd-1273-419e-8545-89ce060e6539 "
+    "invoice 4817, total 120.000, 4 products, closed"
+)
+REFUND_LINE = (
+    "order.refunded       nakheelember   4bdaf820-a800-4e19-9fec-721d5cdbb2b9 "
+    "invoice 4817, total 120.000, 4 products, refunded"
+)
+
+
+@pytest.fixture
+def env(tmp_path: Path, names: Names) -> dict[str, str]:
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    return cli_environ(
+        config,
+        RELAY_AMQP_URL=AMQP_URL,
+        RELAY_AMQP_EXCHANGE=names.exchange,
+        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+    )
+
+
+async def test_tail_prints_matching_events_one_line_each(
+    relay: RunningRelay, env: dict[str, str]
+) -> None:
+    """``tail 'order.#'`` prints each order event as routing key, business, reference and a
+    summary with the order total; other events are not shown; Ctrl-C exits 0 with the count,
+    and the temporary queue is gone."""
+    tail = await CliProcess.start("tail", "order.#", env=env)
+    try:
+        listening = await tail.stderr_line("listening on")
+        queue_name = listening.split("listening on ", 1)[1].split(",", 1)[0]
+        assert queue_name.startswith("amq.gen-")
+
+        for fixture in ("order.created.json", "customer.created.json", "order.refunded.json"):
+            assert (await relay.event(fixture_bytes(fixture))).status == 200
+
+        assert await tail.stdout_line() == ORDER_LINE
+        assert await tail.stdout_line() == REFUND_LINE
+        result = await tail.finish(signal.SIGINT)
+    finally:
+        await tail.kill()
+
+    assert result.code == 0, result
+    assert result.stdout == ""
+    assert result.stderr.endswith("retm-relay tail: 2 events\n")
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(ChannelNotFoundEntity):
+            await channel.declare_queue(queue_name, passive=True)
+
+
+async def test_tail_json_prints_the_whole_message_and_stops_after_count(
+    relay: RunningRelay, env: dict[str, str], names: Names
+) -> None:
+    """``tail --json --count 1 'customer.*'``: one JSON line with the exchange, routing key,
+    properties, headers and body; then it exits 0 by itself."""
+    tail = await CliProcess.start("tail", "--json", "--count", "1", "customer.*", env=env)
+    try:
+        await tail.stderr_line("listening on")
+        raw = fixture_bytes("customer.updated.json")
+        assert (await relay.event(raw)).status == 200
+        result = await tail.finish(sig=None)
+    finally:
+        await tail.kill()
+
+    assert result.code == 0, result
+    (line,) = result.stdout.splitlines()
+    message = json.loads(line)
+    body = json.loads(raw)
+    key = f"{PRINCIPAL}:customer.updated:{body['reference']}"
+    assert message["body"] == body
+    assert message["exchange"] == names.exchange
+    assert message["routing_key"] == "customer.updated"
+    assert message["redelivered"] is False
+    properties = message["properties"]
+    assert properties["message_id"] == key
+    assert properties["type"] == "customer.updated"
+    assert properties["content_type"] == "application/json"
+    assert properties["delivery_mode"] == 2
+    assert properties["app_id"] == "retm-relay"
+    headers = message["headers"]
+    assert headers["x-retm-event"] == "customer.updated"
+    assert headers["x-retm-business"] == "nakheelember"
+    assert headers["x-retm-reference"] == body["reference"]
+    assert result.stderr.endswith("retm-relay tail: 1 event\n")
+
+
+async def test_tail_unrouted_exchange_shows_the_intended_routing_key(
+    relay: RunningRelay, env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """On the unrouted exchange, a line shows the routing key the event was meant for."""
+    broker.forget_later(queues=(names.unrouted,))
+    tail = await CliProcess.start("tail", "--exchange", names.unrouted, "--count", "1", env=env)
+    try:
+        await tail.stderr_line("listening on")
+        assert (await relay.event(fixture_bytes("order.created.json"))).status == 200
+        result = await tail.finish(sig=None)
+    finally:
+        await tail.kill()
+
+    assert result.code == 0, result
+    assert (
+        result.stdout
+        == ORDER_LINE.replace("order.created        ", "order.created (unrouted) ") + "\n"
+    )
+
+
+async def test_tail_fails_when_the_broker_does_not_answer(env: dict[str, str]) -> None:
+    """No broker at amqp.url: exit 1 with one line naming the address (no credentials)."""
+    port = closed_port()
+    env["RELAY_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    result = await run_cli("tail", env=env)
+
+    assert result.code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        f"retm-relay tail: cannot connect to the broker at 127.0.0.1:{port}/"
+    )
+    assert result.stderr.count("\n") == 1
+    assert "guest:guest" not in result.stderr
+
+
+async def test_tail_fails_when_the_exchange_does_not_exist(env: dict[str, str]) -> None:
+    """The exchange was never declared (no relay ran): exit 1 saying so."""
+    result = await run_cli("tail", env=env)
+
+    assert result.code == 1
+    exchange = env["RELAY_AMQP_EXCHANGE"]
+    assert result.stderr.startswith(f"retm-relay tail: exchange '{exchange}' does not exist")
+
+
+async def test_tail_rejects_a_pattern_that_cannot_match(env: dict[str, str]) -> None:
+    """Upper case or spaces can never match a routing key: a usage error, exit 2."""
+    result = await run_cli("tail", "Order.#", env=env)
+
+    assert result.code == 2
+    assert "is not a binding pattern" in result.stderr
