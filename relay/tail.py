@@ -235,6 +235,8 @@ async def _tail(
         err.write(
             f"retm-relay tail: listening on {queue.name}, bound to "
             f"{', '.join(targets)} with {pattern!r} (Ctrl-C stops)\n"
+            "retm-relay tail: while this runs, an event that no other queue is bound for "
+            "reaches only this tail, not the unrouted queue\n"
         )
         err.flush()
         printed = await _print_until_stopped(received, stop, as_json, count, out, err)
