@@ -81,7 +81,8 @@ def extra_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
         value = (
             f"n/a: {d['error']}"
             if "error" in d
-            else f"{d['rss_bytes'] / MB:.1f} MB (relay process before loading "
+            else f"{d['rss_bytes'] / MB:.1f} MB (peak {d.get('peak_rss_bytes', 0) / MB:.1f} MB; "
+            f"relay process before loading "
             f"{d['rss_baseline_bytes'] / MB:.1f} MB; {d['bytes_per_key']:.0f} bytes/key; "
             f"{d['entries']:,} entries, {d['evictions']} evicted)"
         )
@@ -239,8 +240,9 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
             for c in results["checks"]
         )
         return "\n".join(out)
-    first = max(len(header[0]), *(len(r[0]) for r in rows if len(r) > 2), 30)
-    num = [max(len(header[i]), *(len(r[i]) for r in rows if len(r) > 2)) for i in range(1, 9)]
+    measured = [r for r in rows if len(r) > 2]
+    first = max([30, len(header[0]), *(len(r[0]) for r in measured)])
+    num = [max([len(header[i]), *(len(r[i]) for r in measured)]) for i in range(1, 9)]
     out.append(
         header[0].ljust(first)
         + "".join(f"  {h:>{w}}" for h, w in zip(header[1:], num, strict=True))
@@ -269,5 +271,8 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
         f"INVALID  {LABELS[target]}: {reason}"
         for target in TARGETS
         for reason in (results["targets"].get(target) or {}).get("invalid") or []
+    )
+    out.extend(
+        f"INVALID  spool: {reason}" for reason in (results.get("spool") or {}).get("invalid") or []
     )
     return "\n".join(out)

@@ -60,6 +60,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
+from bench import hotspots
 from bench.harness import (
     NotifySocket,
     ProcessTree,
@@ -365,7 +366,8 @@ def invalid_reasons(r: dict[str, Any]) -> list[str]:
 
 async def run_profile(ctx: Context, server: Server, url: str, token: str) -> dict[str, Any]:
     """An extra closed-loop phase with py-spy sampling the server (not counted in the table):
-    collapsed stacks to bench/results/, and a summary of where the time goes."""
+    collapsed stacks (``--format raw``, which speedscope and flamegraph.pl read) to
+    bench/results/, and a summary of where the time goes (bench/hotspots.py)."""
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
@@ -383,7 +385,8 @@ async def run_profile(ctx: Context, server: Server, url: str, token: str) -> dic
     _, err = await spy.communicate()
     if not out.exists():
         return {"error": f"py-spy wrote nothing: {err.decode()[-500:]}", "ok": load["ok"]}
-    return {"file": str(out.relative_to(ROOT)), "rate": load["rate"], "ok": load["ok"]}
+    summary = hotspots.summarize(hotspots.parse(out.read_text()), top=25)
+    return {"file": str(out.relative_to(ROOT)), "rate": load["rate"], "ok": load["ok"], **summary}
 
 
 async def run_target(ctx: Context, target: str) -> dict[str, Any]:
@@ -594,6 +597,11 @@ async def run_spool(ctx: Context) -> dict[str, Any]:
         done = await until(drained, 60 + accepted / 500)
         await asyncio.sleep(0.5)  # anything beyond one message per 2xx would show up by now
         result["messages"] = await ctx.topology.count(n["queue"])
+        # wrk stops with up to one request per connection in flight: spooled, never answered.
+        if not accepted <= result["messages"] <= accepted + opts.connections:
+            result["invalid"] = [
+                f"the queue holds {result['messages']} messages for {accepted} 2xx answers"
+            ]
         result["drain_seconds"] = round(done - up, 3)
         result["drain_rate"] = round(accepted / max(done - up, 1e-3), 1) if accepted else None
     except TimeoutError:
@@ -653,11 +661,6 @@ async def run(opts: Options) -> dict[str, Any]:
     topology = Topology(opts.amqp_url, {"x-queue-type": opts.queue_type})
     await topology.open()
     ctx = Context(opts, run_id.replace("-", ""), workdir, topology)
-    ok, message, ctx.config = await check_config(
-        child_environ(RELAY_AUTH_TOKENS=ctx.token, RELAY_STATE_DIR=str(workdir))
-    )
-    if not ok:
-        raise RuntimeError(f"the example configuration does not check: {message}")
     results: dict[str, Any] = {
         "run_id": run_id,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -673,6 +676,11 @@ async def run(opts: Options) -> dict[str, Any]:
     }
     print(f"retm-relay bench {run_id}: load average {loadavg()} on {os.cpu_count()} CPUs")
     try:
+        ok, message, ctx.config = await check_config(
+            child_environ(RELAY_AUTH_TOKENS=ctx.token, RELAY_STATE_DIR=str(workdir))
+        )
+        if not ok:
+            raise SystemExit(f"bench: the example configuration does not check: {message}")
         for target in TARGETS:
             if target not in opts.only:
                 continue
@@ -797,8 +805,16 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {load['loadavg_start']} at the start, {load['loadavg_end']} at "
             "the end: other work was running, so these numbers are noisy."
         )
+    prof = (results["targets"].get("relay") or {}).get("profile")
+    if prof:
+        if "error" in prof:
+            print(f"profile: {prof['error']}")
+        else:
+            print(f"\nprofile of retm-relay under load ({prof['file']}):")
+            print(hotspots.render(prof))
     failed = any(c["status"] == "FAIL" for c in results["checks"])
     invalid = any(r.get("invalid") for r in results["targets"].values())
+    invalid = invalid or bool((results.get("spool") or {}).get("invalid"))
     errors = [k for k, r in results["targets"].items() if "error" in r]
     errors += [k for k in EXTRAS if "error" in (results.get(k) or {})]
     if errors:

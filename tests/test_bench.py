@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from bench.harness import NotifySocket, ProcessTree, Server, child_environ, free_port, wait_tcp
+from bench.hotspots import parse
+from bench.hotspots import summarize as summarize_profile
 from bench.openloop import body_parts, percentile, summarize
-from bench.profile import parse
-from bench.profile import summarize as summarize_profile
 from bench.report import compute_checks, render
 from tests.conftest import AMQP_URL, Broker, Names, fixture_bytes
 
@@ -84,6 +84,7 @@ def test_checks_pass_fail_and_na() -> None:
             "rss_baseline_bytes": 50 * 1024 * 1024,
             "rss_bytes": 150 * 1024 * 1024,
             "bytes_per_key": 104.9,
+            "peak_rss_bytes": 160 * 1024 * 1024,
         },
         "spool": {"na": "no spool on this branch"},
         "ready": {"starts": [1.2, 1.7, 1.4], "median": 1.4, "max": 1.7},
@@ -103,7 +104,7 @@ def test_checks_pass_fail_and_na() -> None:
     text = render(results)
     assert "retm-relay, memory store / naive relay (bench/naive_relay.py): 1.20x" in text
     assert "FAIL  no answer over 1 s" in text
-    assert "150.0 MB (relay process before loading 50.0 MB; 105 bytes/key" in text
+    assert "150.0 MB (peak 160.0 MB; relay process before loading 50.0 MB; 105 bytes/key" in text
     markdown = render(results, markdown=True)
     assert "| retm-relay, Redis store | n/a: no Redis store on this branch |" in markdown
 

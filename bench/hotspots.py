@@ -7,7 +7,7 @@ inclusive share of the heaviest functions, of relay/ and of the libraries it cal
 whose leaf is the event loop's ``run`` are time spent inside uvloop's C code (socket reads and
 writes, callbacks' dispatch), which py-spy cannot see into without ``--native``.
 
-    python -m bench.profile bench/results/profile-RUN-relay.txt [--top 30]
+    python -m bench.hotspots bench/results/profile-RUN-relay.txt [--top 30]
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def summarize(stacks: list[tuple[list[str], int]], top: int = 30) -> dict[str, A
 
 
 def render(summary: dict[str, Any]) -> str:
+    """The summary as text, one share per line."""
     out = [f"{summary['samples']} samples"]
     for key, title in (
         ("self_by_package", "self time by package of the leaf frame"),
