@@ -275,4 +275,9 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     out.extend(
         f"INVALID  spool: {reason}" for reason in (results.get("spool") or {}).get("invalid") or []
     )
+    for target in RELAY_TARGETS:
+        log = (results["targets"].get(target) or {}).get("log") or {}
+        noisy = {k: v for k, v in log.items() if k != "lines" and v}
+        if noisy:
+            out.append(f"note: {LABELS[target]} logged {noisy} in {log['lines']} lines")
     return "\n".join(out)
