@@ -169,9 +169,10 @@ async def get_json(url: str) -> tuple[int, Any]:
 
 
 def redis_cli(*args: str) -> str:
-    """Run redis-cli (the runner only deletes its own prefixed keys with it)."""
+    """Run redis-cli and return its output (the runner only deletes its own prefixed keys
+    with it). Raises CalledProcessError when redis-cli fails."""
     return subprocess.run(
-        ["redis-cli", *args], capture_output=True, text=True, check=False, timeout=60
+        ["redis-cli", *args], capture_output=True, text=True, check=True, timeout=60
     ).stdout
 
 
@@ -274,7 +275,7 @@ def cleanup_redis(ctx: Context, target: str) -> int:
     """Delete the keys a Redis run left under its prefix (DB of --redis-url); returns how many."""
     db = ctx.opts.redis_url.rsplit("/", 1)[-1] or "0"
     pattern = ctx.names(target)["redis_prefix"] + "*"
-    keys = redis_cli("-n", db, "--scan", "--pattern", pattern, "--count", "1000").split()
+    keys = redis_cli("-n", db, "--scan", "--pattern", pattern).split()
     for i in range(0, len(keys), 500):
         redis_cli("-n", db, "unlink", *keys[i : i + 500])
     return len(keys)
@@ -460,8 +461,10 @@ async def run_target(ctx: Context, target: str) -> dict[str, Any]:
     finally:
         await ctx.topology.delete(created_exchanges, created_queues)
         if target in ("redis", "workers"):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
+            try:
                 cleanup_redis(ctx, target)
+            except (OSError, subprocess.SubprocessError) as exc:
+                print(f"bench: could not delete the Redis keys of {target}: {exc}")
 
 
 async def run_relay_target(ctx: Context, target: str, port: int, url: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,21 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.harness import NotifySocket, ProcessTree, Server, child_environ, free_port, wait_tcp
+from bench.harness import (
+    NotifySocket,
+    ProcessTree,
+    Server,
+    Topology,
+    child_environ,
+    free_port,
+    wait_tcp,
+)
 from bench.hotspots import parse
 from bench.hotspots import summarize as summarize_profile
 from bench.openloop import body_parts, percentile, summarize
 from bench.report import compute_checks, render
-from tests.conftest import AMQP_URL, Broker, Names, fixture_bytes
+from bench.run import Context, Options, cleanup_redis, redis_cli
+from tests.conftest import AMQP_URL, REDIS_URL, Broker, Names, fixture_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,3 +199,91 @@ def test_free_port_ranges_are_bindable(span: int) -> None:
     for p in range(port, port + span):
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+async def _run_json(*argv: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv,
+        cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+async def test_open_loop_client_sends_every_scheduled_request(tmp_path: Path) -> None:
+    """At R req/s for S seconds the open-loop client sends R*S measured requests (after its
+    warm-up) and reports every answer's status."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "http_ceiling.py"), str(port)]
+    server = Server("http", argv, child_environ(), tmp_path)
+    await server.start(lambda: wait_tcp(port))
+    try:
+        url = f"http://127.0.0.1:{port}/retm/events"
+        r = await _run_json(
+            "-m", "bench.openloop", url, "--rate", "100", "--seconds", "1", "--warmup", "0.2"
+        )
+    finally:
+        await server.stop()
+    assert r["count"] == 100
+    assert r["statuses"] == {"200": 100}
+    assert r["warmup_ok"] == 20
+    assert r["non2xx"] == 0
+    assert r["errors"] == {}
+    assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
+
+
+async def test_confirm_ceiling_publishes_are_routed_and_counted(
+    broker: Broker, names: Names
+) -> None:
+    """Every message the confirm ceiling reports as published is confirmed on the bound queue."""
+    assert broker.channel is not None
+    exchange = await broker.channel.declare_exchange(
+        names.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await broker.channel.declare_queue(names("ceiling"), durable=True)
+    await queue.bind(exchange, "#")
+    broker.forget_later(exchanges=(names.exchange,), queues=(queue.name,))
+    r = await _run_json(
+        "-m",
+        "bench.confirm_ceiling",
+        "--amqp-url",
+        AMQP_URL,
+        "--exchange",
+        names.exchange,
+        "--seconds",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--in-flight",
+        "4",
+        "--rate",
+        "50",
+        "--open-seconds",
+        "0.2",
+    )
+    assert r["open"]["count"] == 10
+    assert r["closed"]["requests"] > 0
+    declared = await broker.channel.declare_queue(queue.name, passive=True)
+    assert declared.declaration_result.message_count == r["published"]
+    assert r["published"] >= r["closed"]["requests"] + 10
+
+
+def test_redis_cleanup_deletes_only_the_runs_keys(tmp_path: Path) -> None:
+    """After a Redis run the runner deletes the keys under its own prefix, and nothing else."""
+    ctx = Context(
+        Options(redis_url=REDIS_URL), uuid.uuid4().hex[:10], tmp_path, Topology(AMQP_URL, {})
+    )
+    db = REDIS_URL.rsplit("/", 1)[1]
+    prefix = ctx.names("redis")["redis_prefix"]
+    other = f"test.{uuid.uuid4().hex[:10]}.keep"
+    for key in (prefix + "a", prefix + "b", other):
+        assert redis_cli("-n", db, "set", key, "1", "EX", "60").strip() == "OK"
+    assert cleanup_redis(ctx, "redis") == 2
+    assert redis_cli("-n", db, "exists", prefix + "a", prefix + "b").strip() == "0"
+    assert redis_cli("-n", db, "exists", other).strip() == "1"
+    redis_cli("-n", db, "del", other)
