@@ -277,7 +277,8 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     )
     for target in RELAY_TARGETS:
         log = (results["targets"].get(target) or {}).get("log") or {}
-        noisy = {k: v for k, v in log.items() if k != "lines" and v}
+        noisy = {k: v for k, v in log.items() if k not in ("lines", "file") and v}
         if noisy:
-            out.append(f"note: {LABELS[target]} logged {noisy} in {log['lines']} lines")
+            where = f" ({log['file']})" if "file" in log else ""
+            out.append(f"note: {LABELS[target]} logged {noisy} in {log['lines']} lines{where}")
     return "\n".join(out)

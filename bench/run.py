@@ -507,12 +507,17 @@ async def run_relay_target(ctx: Context, target: str, port: int, url: str) -> di
         if "na" not in result:
             ctx.ready_times.append(result["ready_seconds"])
             result["log"] = log_summary(server.log_path)
+            if len(result["log"]) > 1 or result.get("invalid"):  # warnings, errors: keep it
+                RESULTS.mkdir(exist_ok=True)
+                kept = RESULTS / f"{ctx.run_id}-{target}.log"
+                shutil.copyfile(server.log_path, kept)
+                result["log"]["file"] = str(kept.relative_to(ROOT))
         return result
     finally:
         notify.close()
 
 
-def log_summary(path: Path) -> dict[str, int]:
+def log_summary(path: Path) -> dict[str, Any]:
     """Lines and levels in a relay's JSON log."""
     levels: Counter[str] = Counter()
     lines = 0
