@@ -58,9 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiohttp
 
-from bench import hotspots
+from bench import clients, hotspots
 from bench.harness import (
     NotifySocket,
     ProcessTree,
@@ -75,97 +74,26 @@ from tests.proxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-FIXTURE = ROOT / "tests" / "fixtures" / "order.created.json"
 EXAMPLE_CONFIG = ROOT / "config" / "relay.example.toml"
 RESULTS = BENCH / "results"
-WRK_SCRIPT = BENCH / "retm.lua"
 EVENTS_PATH = "/retm/events"
 
 
-async def run_json(argv: list[str], *, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a bench helper that prints one JSON object as its last line of stdout."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        env=env or child_environ(),
-        cwd=str(ROOT),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[:3]} exited {proc.returncode}: {err.decode()[-2000:]}")
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
-
-
 async def wrk(opts: Options, url: str, seconds: int, token: str) -> dict[str, Any]:
-    """wrk with bench/retm.lua for ``seconds``: the WRK_JSON summary plus ``rate`` (req/s),
-    ``ok`` (2xx answers) and ``max_ms``."""
-    argv = [
+    """The closed loop: wrk with --connections and --threads for ``seconds``."""
+    return await clients.wrk(
         opts.wrk,
-        "-t",
-        str(opts.threads),
-        "-c",
-        str(opts.connections),
-        "-d",
-        f"{max(1, seconds)}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(WRK_SCRIPT),
         url,
-        "--",
-        str(FIXTURE),
-        token or "-",
-        uuid.uuid4().hex[:8],
-    ]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        seconds=seconds,
+        connections=opts.connections,
+        threads=opts.threads,
+        token=token,
     )
-    out, err = await proc.communicate()
-    for line in out.decode().splitlines():
-        if line.startswith("WRK_JSON "):
-            result: dict[str, Any] = json.loads(line[len("WRK_JSON ") :])
-            break
-    else:
-        raise RuntimeError(f"wrk printed no summary: {out.decode()[-1000:]} {err.decode()[-500:]}")
-    seconds_run = result["duration_us"] / 1e6
-    result["seconds"] = round(seconds_run, 3)
-    result["rate"] = round(result["requests"] / seconds_run, 1)
-    result["ok"] = sum(n for code, n in result["statuses"].items() if code.startswith("2"))
-    result["max_ms"] = round(result["latency_us"]["max"] / 1000, 3)
-    errors = result["errors"]
-    result["failed"] = result["non2xx"] + errors["connect"] + errors["read"] + errors["write"]
-    result["failed"] += errors["timeout"]
-    return result
 
 
 async def openloop(opts: Options, url: str, token: str) -> dict[str, Any]:
-    return await run_json(
-        [
-            sys.executable,
-            "-m",
-            "bench.openloop",
-            url,
-            "--token",
-            token,
-            "--rate",
-            str(opts.rate),
-            "--seconds",
-            str(opts.open_seconds),
-            "--run-id",
-            uuid.uuid4().hex[:8],
-        ]
-    )
-
-
-async def get_json(url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, await response.json(content_type=None)
+    """The open loop: bench/openloop.py at --rate for --open-seconds."""
+    return await clients.openloop(url, token=token, rate=opts.rate, seconds=opts.open_seconds)
 
 
 def redis_cli(*args: str) -> str:
@@ -395,7 +323,7 @@ async def run_target(ctx: Context, target: str) -> dict[str, Any]:
     if target == "confirm":
         await ctx.topology.bind(n["exchange"], n["queue"])
         try:
-            r = await run_json(
+            r = await clients.run_json(
                 [
                     sys.executable,
                     "-m",
@@ -483,7 +411,7 @@ async def run_relay_target(ctx: Context, target: str, port: int, url: str) -> di
         async def verify() -> str | None:
             if "RELAY_DEDUP_BACKEND" not in extra:
                 return None
-            _, health = await get_json(f"http://127.0.0.1:{port}/health")
+            _, health = await clients.get_json(f"http://127.0.0.1:{port}/health")
             backend = (health.get("dedup") or {}).get("backend")
             if backend != "redis":
                 return (
@@ -534,7 +462,7 @@ async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
     n = ctx.names("dedup")
     ctx.topology.track([n["exchange"], n["unrouted"]], [n["unrouted"]])
     try:
-        return await run_json(
+        return await clients.run_json(
             [
                 sys.executable,
                 "-m",
@@ -572,7 +500,7 @@ async def run_spool(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {"supported": supported}
 
     async def connected() -> bool:
-        _, health = await get_json(health_url)
+        _, health = await clients.get_json(health_url)
         return bool((health.get("broker") or {}).get("connected"))
 
     async def until(predicate: Callable[[], Awaitable[bool]], timeout: float) -> float:
