@@ -29,6 +29,7 @@ TARGET_MAX_MS = 1000.0
 TARGET_DEDUP_RSS_MB = 200.0
 TARGET_SPOOL_RATE = 2000.0
 TARGET_READY_S = 1.5
+CLIENT_LAG_NOTE_MS = 5.0  # the open-loop client's own delay worth a note
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -275,6 +276,13 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     out.extend(
         f"INVALID  spool: {reason}" for reason in (results.get("spool") or {}).get("invalid") or []
     )
+    for target in TARGETS:
+        lag = ((results["targets"].get(target) or {}).get("open") or {}).get("client_lag_p99_ms")
+        if lag is not None and lag > CLIENT_LAG_NOTE_MS:
+            out.append(
+                f"note: {LABELS[target]}: the open-loop client ran up to {lag:.1f} ms (p99) behind "
+                "its schedule; the latencies include that delay"
+            )
     for target in RELAY_TARGETS:
         log = (results["targets"].get(target) or {}).get("log") or {}
         noisy = {k: v for k, v in log.items() if k not in ("lines", "file") and v}

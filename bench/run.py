@@ -380,7 +380,14 @@ async def run_target(ctx: Context, target: str) -> dict[str, Any]:
             server = Server(target, [sys.executable, str(BENCH / "naive_relay.py")], env,
                             ctx.workdir)  # fmt: skip
             return await measure_server(
-                ctx, target, server, lambda: wait_tcp(port), url, "", queue=n["queue"]
+                ctx,
+                target,
+                server,
+                lambda: wait_tcp(port),
+                url,
+                "",
+                queue=n["queue"],
+                profile=opts.profile,
             )
         ctx.topology.track([n["unrouted"]], [n["unrouted"]])
         created_exchanges.append(n["unrouted"])
@@ -683,7 +690,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the memory-store relay's measurements, sample it with py-spy under load",
+        help="after the measurements of the naive relay and of retm-relay with the memory "
+        "store, sample each with py-spy under load",
     )
     parser.add_argument("--profile-seconds", type=int, default=d.profile_seconds)
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
@@ -741,12 +749,12 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {load['loadavg_start']} at the start, {load['loadavg_end']} at "
             "the end: other work was running, so these numbers are noisy."
         )
-    prof = (results["targets"].get("relay") or {}).get("profile")
-    if prof:
-        if "error" in prof:
-            print(f"profile: {prof['error']}")
-        else:
-            print(f"\nprofile of retm-relay under load ({prof['file']}):")
+    for target in ("naive", "relay"):
+        prof = (results["targets"].get(target) or {}).get("profile")
+        if prof and "error" in prof:
+            print(f"profile of {LABELS[target]}: {prof['error']}")
+        elif prof:
+            print(f"\nprofile of {LABELS[target]} under load ({prof['file']}):")
             print(hotspots.render(prof))
     failed = any(c["status"] == "FAIL" for c in results["checks"])
     invalid = any(r.get("invalid") for r in results["targets"].values())
