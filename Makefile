@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= config/relay.example.toml
 
-.PHONY: run test lint format venv services browser clean
+.PHONY: run test lint format venv services browser bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ lint: $(STAMP)
 
 test: lint services browser
 	$(BIN)/pytest
+
+# The benchmark of issue 5 (bench/run.py): a few minutes; BENCH_ARGS="--quick" for a smoke run,
+# "--profile" to sample the relay with py-spy as well (installed into .venv then).
+# Installs wrk with apt-get when missing (as root); results also go to bench/results/*.json.
+bench: $(STAMP)
+	@bash deploy/scripts/ensure-services.sh rabbitmq redis wrk
+	@case " $(BENCH_ARGS) " in *" --profile "*) $(BIN)/python -m pip install -q py-spy ;; esac
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -2,7 +2,8 @@
 # Make sure the local services the relay needs answer on 127.0.0.1, starting them when they
 # do not (and installing them with apt-get on Debian when they are missing and we are root).
 #
-# usage: deploy/scripts/ensure-services.sh rabbitmq [redis]
+# usage: deploy/scripts/ensure-services.sh rabbitmq [redis] [wrk]
+# (wrk is not a service: the load generator `make bench` needs, installed the same way.)
 set -euo pipefail
 
 answers() {  # answers PORT: true when something accepts TCP connections on 127.0.0.1:PORT
@@ -54,10 +55,15 @@ ensure_redis() {
   wait_for 6379 30 Redis
 }
 
+ensure_wrk() {
+  command -v wrk >/dev/null 2>&1 || install_package wrk
+}
+
 for service in "$@"; do
   case "$service" in
     rabbitmq) ensure_rabbitmq ;;
     redis) ensure_redis ;;
+    wrk) ensure_wrk ;;
     *) echo "ensure-services: unknown service $service" >&2; exit 2 ;;
   esac
 done
