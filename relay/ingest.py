@@ -13,6 +13,7 @@ Field names used here come from RETM's notification hooks (retm/webhooks.md §3.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 import zlib
@@ -40,6 +41,8 @@ RETRY_AFTER_SECONDS = "5"
 _DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # zlib wbits per content coding
 _UTF8_NAMES = frozenset({"utf-8", "utf8"})
 MAX_HEADER_VALUE = 255
+_RUN_ID = secrets.token_hex(3)  # request ids are <run>-<sequence>: unique, and cheap to make
+_REQUEST_SEQ = itertools.count(1)
 _LOG_EVENTS = {
     "accepted": "webhook.accepted",
     "spooled": "webhook.spooled",
@@ -206,15 +209,26 @@ def _text(value: object) -> str | None:
     return None
 
 
+_iso_second: list[Any] = [-1, ""]
+
+
+def iso_utc_millis(ts: float) -> str:
+    """``2026-11-30T10:04:25.672Z`` for Unix time ``ts`` (the per-second part is cached)."""
+    second = int(ts)
+    if second != _iso_second[0]:
+        _iso_second[0] = second
+        _iso_second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    millis = min(round((ts - second) * 1_000_000) // 1000, 999)
+    return f"{_iso_second[1]}.{millis:03d}Z"
+
+
 def contract_headers(
     event: str, business: str | None, body: Mapping[str, Any], received_at: float
 ) -> dict[str, Any]:
     """The ``x-retm-*`` and ``x-relay-received-at`` headers of the message contract."""
     headers: dict[str, Any] = {
         "x-retm-event": event,
-        "x-relay-received-at": datetime.fromtimestamp(received_at, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
+        "x-relay-received-at": iso_utc_millis(received_at),
     }
     if business:
         headers["x-retm-business"] = business
@@ -282,8 +296,7 @@ class Ingest:
         started = time.perf_counter()
         metrics = self.metrics
         metrics.in_flight(1)
-        request_id = secrets.token_hex(6)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        structlog.contextvars.bind_contextvars(request_id=f"{_RUN_ID}-{next(_REQUEST_SEQ):x}")
         try:
             try:
                 hook = await self.read_webhook(request)

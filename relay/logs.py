@@ -28,6 +28,10 @@ def _orjson_text(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+def _orjson_bytes(obj: Any, **_: Any) -> bytes:
+    return orjson.dumps(obj, default=str)
+
+
 def configure_logging(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -54,13 +58,17 @@ def configure_logging(
             )
         )
         renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_text)
+        # The relay's own lines (one per webhook) skip the bytes -> str -> bytes round trip.
+        own_renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_bytes)
+        factory: Any = structlog.BytesLoggerFactory(stream.buffer)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = own_renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        factory = structlog.PrintLoggerFactory(stream)
 
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, own_renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
 

@@ -92,9 +92,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._in_flight = Gauge(
-            "relay_in_flight", "Webhook requests being handled now.", registry=r
-        )
         self._broker_connected = Gauge(
             "relay_broker_connected", "1 while the broker link and topology are up.", registry=r
         )
@@ -105,6 +102,10 @@ class Metrics:
         )
         self._callbacks = _CallbackCollector()
         r.register(self._callbacks)
+        self.in_flight_now = 0  # a plain int on the hot path, read at scrape time
+        self.gauge_callback(
+            "relay_in_flight", "Webhook requests being handled now.", lambda: self.in_flight_now
+        )
 
         self._children: dict[tuple[Any, ...], Any] = {}
         self._event_labels: set[str] = set()
@@ -184,7 +185,7 @@ class Metrics:
 
     def in_flight(self, delta: int) -> None:
         """Requests being handled changed by ``delta``."""
-        self._in_flight.inc(delta)
+        self.in_flight_now += delta
 
     def broker_connected(self, up: bool) -> None:
         """The broker link went up or down."""
