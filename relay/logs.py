@@ -60,7 +60,9 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line (print() makes two: the text, then "\n"), so that the lines of
+        # several worker processes sharing stdout never run into each other.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 
