@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import hdrs, web
 
 from relay.auth import TokenAuthenticator
-from relay.dedup import MemoryDedupStore
+from relay.dedup import DedupStore, MemoryDedupStore
+from relay.dedup_redis import RedisDedupStore, connect, redis_address
 from relay.health import Health
 from relay.ingest import Ingest, error_response
 from relay.metrics import Metrics
@@ -27,6 +28,9 @@ HEALTH = web.AppKey("health", Health)
 PUBLISHER = web.AppKey("publisher", Publisher)
 DEDUP = web.AppKey("dedup", MemoryDedupStore)
 INGEST = web.AppKey("ingest", Ingest)
+#: the shared store when ``dedup.backend = "redis"`` (absent otherwise); DEDUP is then its
+#: local fallback
+REDIS_DEDUP = web.AppKey("redis_dedup", RedisDedupStore)
 
 
 @web.middleware
@@ -72,6 +76,20 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
         clock=clock,
         wait_timeout=settings.amqp.publish_timeout + 1,
     )
+    store: DedupStore = dedup
+    redis_dedup: RedisDedupStore | None = None
+    if settings.dedup.backend == "redis":
+        store = redis_dedup = RedisDedupStore(
+            connect(settings.dedup.redis_url.value, settings.dedup.redis_timeout),
+            dedup,
+            ttl=settings.dedup.ttl,
+            # outlives the slowest delivery, so a claim lapses only when its owner is gone
+            lease=settings.amqp.publish_timeout + 2,
+            wait_timeout=settings.amqp.publish_timeout + 1,
+            prefix=settings.dedup.redis_prefix,
+            on_store_failure=settings.dedup.on_store_failure,
+            address=redis_address(settings.dedup.redis_url.value),
+        )
 
     async def deliver(envelope: Envelope) -> str:
         await publisher.publish(envelope)
@@ -80,7 +98,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     ingest = Ingest(
         authenticator=TokenAuthenticator(settings.auth.tokens),
         router=router,
-        dedup=dedup,
+        dedup=store,
         deliver=deliver,
         metrics=metrics,
         max_body_bytes=settings.http.max_body_bytes,
@@ -133,7 +151,33 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     )
 
     app.cleanup_ctx.append(_broker_link)
+    if redis_dedup is not None:
+        app[REDIS_DEDUP] = redis_dedup
+        _watch_redis(health, metrics, redis_dedup)
+        app.cleanup_ctx.append(_redis_link)
     return app
+
+
+def _watch_redis(health: Health, metrics: Metrics, store: RedisDedupStore) -> None:
+    """Readiness, the ``/health`` dedup section and the metrics of the Redis dedup store."""
+    health.add_check("dedup", store.readiness)
+    health.add_detail("dedup", store.status)
+    metrics.gauge_callback(
+        "relay_dedup_store_up",
+        "1 while the shared dedup store (Redis) answers, else 0.",
+        lambda: 1 if store.up else 0,
+    )
+    metrics.counter_callback(
+        "relay_dedup_store_failures",
+        "Dedup store commands that failed because Redis could not be reached.",
+        lambda: store.failures,
+    )
+    metrics.counter_callback(
+        "relay_dedup_local_fallbacks",
+        "Dedup claims answered by this process's memory store while Redis was down "
+        "(dedup.on_store_failure = local).",
+        lambda: store.local_fallbacks,
+    )
 
 
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:
@@ -141,3 +185,10 @@ async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.close()
+
+
+async def _redis_link(app: web.Application) -> AsyncIterator[None]:
+    store = app[REDIS_DEDUP]
+    await store.start()
+    yield
+    await store.close()

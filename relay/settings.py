@@ -96,13 +96,22 @@ class AmqpSettings:
 class DedupSettings:
     """The dedup cache: ``ttl`` in seconds, at most ``max_entries`` delivered keys kept.
     ``key_fields`` are the body fields tried in order for the event's identity (the first
-    non-empty one wins; otherwise the body's SHA-256)."""
+    non-empty one wins; otherwise the body's SHA-256).
+
+    With ``backend = "redis"`` (relay/dedup_redis.py) keys live under ``redis_prefix`` in the
+    Redis at ``redis_url``; ``redis_timeout`` (seconds) bounds connecting and each command, and
+    ``on_store_failure`` says what happens while Redis cannot be reached: ``reject`` answers 503
+    with Retry-After, ``local`` falls back to the in-memory store of this process.
+    """
 
     backend: Literal["memory", "redis"] = "memory"
     ttl: float = 86_400.0
     max_entries: int = 1_000_000
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     key_fields: tuple[str, ...] = ("reference",)
+    on_store_failure: Literal["reject", "local"] = "reject"
+    redis_prefix: str = "retm-relay:dedup:"
+    redis_timeout: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +442,12 @@ def validate(s: Settings) -> None:
         "must start with redis://, rediss:// or unix://",
     )
     _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
+    _check(
+        0 < len(s.dedup.redis_prefix) <= 100 and not any(c.isspace() for c in s.dedup.redis_prefix),
+        "dedup.redis_prefix",
+        "must be 1-100 characters without spaces",
+    )
+    _check(0 < s.dedup.redis_timeout <= 5, "dedup.redis_timeout", "must be in (0, 5] seconds")
 
 
 def describe(s: Settings) -> dict[str, Any]:
