@@ -21,6 +21,7 @@ from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
 from relay.settings import Settings
+from relay.workers import WorkerInfo
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -31,6 +32,9 @@ INGEST = web.AppKey("ingest", Ingest)
 #: the shared store when ``dedup.backend = "redis"`` (absent otherwise); DEDUP is then its
 #: local fallback
 REDIS_DEDUP = web.AppKey("redis_dedup", RedisDedupStore)
+#: this process's place among ``http.workers`` (None when the relay runs as one process); name
+#: local state that must not be shared with ``relay.workers.state_name(worker, "spool", ".db")``
+WORKER: web.AppKey[WorkerInfo | None] = web.AppKey("worker")
 
 
 @web.middleware
@@ -57,10 +61,16 @@ async def json_errors(
         return error_response(exc.status, code, exc.reason, exc.headers)
 
 
-def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+def make_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    worker: WorkerInfo | None = None,
+) -> web.Application:
     """Build the relay's aiohttp application from ``settings``.
 
     clock: wall-clock seconds for the dedup TTL (injectable for tests).
+    worker: this process's place among ``http.workers`` (None: the relay is one process).
     The broker link is opened by the app's start-up (``AppRunner.setup``), which raises
     TopologyError when the broker's exchanges disagree with the settings.
     """
@@ -112,6 +122,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     app[PUBLISHER] = publisher
     app[DEDUP] = dedup
     app[INGEST] = ingest
+    app[WORKER] = worker
 
     app.router.add_post(settings.http.events_path, ingest.events)
     app.router.add_post(settings.http.errors_path, ingest.errors)
@@ -141,6 +152,8 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
         },
     )
     health.add_detail("last_retm_error", lambda: ingest.last_retm_error)
+    if worker is not None:
+        health.add_detail("worker", worker.status)
     metrics.gauge_callback(
         "relay_dedup_entries", "Delivered keys in the dedup cache.", lambda: len(dedup)
     )

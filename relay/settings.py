@@ -54,7 +54,13 @@ class TokenSpec:
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """The HTTP listener. ``max_body_bytes`` bounds the body both as received and after gzip or
-    deflate decompression; ``shutdown_timeout`` (seconds) bounds the graceful stop."""
+    deflate decompression; ``shutdown_timeout`` (seconds) bounds the graceful stop.
+
+    ``workers`` > 1 runs that many processes sharing ``port`` (SO_REUSEPORT, relay/workers.py);
+    worker n also listens alone on ``worker_port_base + n`` so that its own ``/metrics`` and
+    ``/health`` can be scraped (``worker_port_base = 0``: ``port + 1``, or any free ports when
+    ``port`` is 0).
+    """
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -62,6 +68,8 @@ class HttpSettings:
     events_path: str = "/retm/events"
     errors_path: str = "/retm/errors"
     shutdown_timeout: float = 20.0
+    workers: int = 1
+    worker_port_base: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +395,24 @@ def validate(s: Settings) -> None:
         s.http.events_path != s.http.errors_path, "http.errors_path", "must differ from events_path"
     )
     _check(0 < s.http.shutdown_timeout <= 600, "http.shutdown_timeout", "must be in (0, 600]")
+    _check(1 <= s.http.workers <= 64, "http.workers", "must be between 1 and 64")
+    _check(
+        s.http.workers == 1 or s.dedup.backend != "memory",
+        "http.workers",
+        'more than one worker needs a shared dedup store: set dedup.backend = "redis"',
+    )
+    _check(
+        s.http.worker_port_base == 0 or 1 <= s.http.worker_port_base <= 65536 - s.http.workers,
+        "http.worker_port_base",
+        "must be 0 (http.port + 1) or a port leaving room for one port per worker",
+    )
+    _check(
+        s.http.workers == 1
+        or s.http.worker_port_base != 0
+        or s.http.port + s.http.workers <= 65535,
+        "http.port",
+        "must leave room above it for one port per worker (or set http.worker_port_base)",
+    )
 
     for spec in s.auth.tokens:
         _check(bool(spec.token.value.strip()), "auth.tokens", "a token must not be empty")
