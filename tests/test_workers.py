@@ -298,6 +298,30 @@ async def test_a_worker_that_dies_is_restarted(
     assert await group.exit_code() == 0
 
 
+async def test_a_stuck_worker_is_killed_by_the_watchdog_and_restarted(
+    start_workers: StartWorkers,
+) -> None:
+    """Under a systemd watchdog, the supervisor pings systemd itself and watches its workers'
+    pings: a worker that stops pinging (SIGSTOP: a stuck process) is killed and restarted."""
+    group = await start_workers(WATCHDOG_USEC="2000000")
+    ready = await group.event("workers.ready")
+    stuck = ready["workers"][1]
+    await group.notified("WATCHDOG=1")
+
+    os.kill(stuck["pid"], signal.SIGSTOP)
+
+    assert (await group.event("workers.worker_stuck"))["pid"] == stuck["pid"]
+    exited = await group.event("workers.worker_exited", worker=1)
+    assert exited["exit_code"] == -signal.SIGKILL
+    await group.wait(
+        lambda: len(group.events("workers.worker_ready", worker=1)) == 2,
+        "worker 1 to be ready again",
+    )
+    assert not group.events("workers.worker_stuck", worker=0)
+    group.process.send_signal(signal.SIGTERM)
+    assert await group.exit_code() == 0
+
+
 async def test_workers_stop_when_the_supervisor_is_killed(start_workers: StartWorkers) -> None:
     """If the supervisor dies without a chance to stop them (SIGKILL), its workers notice
     (their lifeline pipe closes) and stop gracefully instead of serving on as orphans."""
