@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,9 @@ async def start_workers(
     """Start ``retm-relay serve`` with two workers sharing the Redis dedup store (``RELAY_*``
     overrides as keyword arguments); killed after the test if still running."""
     started: list[Supervised] = []
+    # The supervisor's notify sockets go to $TMPDIR: a short directory of the test's own (a
+    # socket path must stay under 108 bytes), removed afterwards even if it was SIGKILLed.
+    runtime = tempfile.mkdtemp(prefix="rr-")
 
     async def start(**overrides: str) -> Supervised:
         notify_path = tmp_path / f"notify-{len(started)}"
@@ -140,6 +145,7 @@ async def start_workers(
             )
         )
         environ["NOTIFY_SOCKET"] = str(notify_path)
+        environ["TMPDIR"] = runtime
         broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -159,6 +165,7 @@ async def start_workers(
     yield start
     for group in started:
         await group.close()
+    shutil.rmtree(runtime)
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, Any]:
