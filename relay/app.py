@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import hdrs, web
 
 from relay.auth import TokenAuthenticator
-from relay.dedup import MemoryDedupStore
+from relay.dedup import DedupStore, MemoryDedupStore
+from relay.dedup_redis import RedisDedupStore, connect, redis_address
 from relay.health import Health
 from relay.ingest import Ingest, error_response
 from relay.metrics import Metrics
@@ -21,6 +22,7 @@ from relay.publish import Envelope, Publisher
 from relay.routing import Router
 from relay.settings import Settings
 from relay.status import StatusPage
+from relay.workers import WorkerInfo
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -28,6 +30,12 @@ HEALTH = web.AppKey("health", Health)
 PUBLISHER = web.AppKey("publisher", Publisher)
 DEDUP = web.AppKey("dedup", MemoryDedupStore)
 INGEST = web.AppKey("ingest", Ingest)
+#: the shared store when ``dedup.backend = "redis"`` (absent otherwise); DEDUP is then its
+#: local fallback
+REDIS_DEDUP = web.AppKey("redis_dedup", RedisDedupStore)
+#: this process's place among ``http.workers`` (None when the relay runs as one process); name
+#: local state that must not be shared with ``relay.workers.state_name(worker, "spool", ".db")``
+WORKER: web.AppKey[WorkerInfo | None] = web.AppKey("worker")
 
 
 @web.middleware
@@ -54,10 +62,16 @@ async def json_errors(
         return error_response(exc.status, code, exc.reason, exc.headers)
 
 
-def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+def make_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    worker: WorkerInfo | None = None,
+) -> web.Application:
     """Build the relay's aiohttp application from ``settings``.
 
     clock: wall-clock seconds for the dedup TTL (injectable for tests).
+    worker: this process's place among ``http.workers`` (None: the relay is one process).
     The broker link is opened by the app's start-up (``AppRunner.setup``), which raises
     TopologyError when the broker's exchanges disagree with the settings.
     """
@@ -73,6 +87,20 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
         clock=clock,
         wait_timeout=settings.amqp.publish_timeout + 1,
     )
+    store: DedupStore = dedup
+    redis_dedup: RedisDedupStore | None = None
+    if settings.dedup.backend == "redis":
+        store = redis_dedup = RedisDedupStore(
+            connect(settings.dedup.redis_url.value, settings.dedup.redis_timeout),
+            dedup,
+            ttl=settings.dedup.ttl,
+            # outlives the slowest delivery, so a claim lapses only when its owner is gone
+            lease=settings.amqp.publish_timeout + 2,
+            wait_timeout=settings.amqp.publish_timeout + 1,
+            prefix=settings.dedup.redis_prefix,
+            on_store_failure=settings.dedup.on_store_failure,
+            address=redis_address(settings.dedup.redis_url.value),
+        )
 
     async def deliver(envelope: Envelope) -> str:
         await publisher.publish(envelope)
@@ -81,7 +109,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     ingest = Ingest(
         authenticator=TokenAuthenticator(settings.auth.tokens),
         router=router,
-        dedup=dedup,
+        dedup=store,
         deliver=deliver,
         metrics=metrics,
         max_body_bytes=settings.http.max_body_bytes,
@@ -95,6 +123,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     app[PUBLISHER] = publisher
     app[DEDUP] = dedup
     app[INGEST] = ingest
+    app[WORKER] = worker
 
     app.router.add_post(settings.http.events_path, ingest.events)
     app.router.add_post(settings.http.errors_path, ingest.errors)
@@ -125,6 +154,8 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
         },
     )
     health.add_detail("last_retm_error", lambda: ingest.last_retm_error)
+    if worker is not None:
+        health.add_detail("worker", worker.status)
     metrics.gauge_callback(
         "relay_dedup_entries", "Delivered keys in the dedup cache.", lambda: len(dedup)
     )
@@ -135,7 +166,33 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     )
 
     app.cleanup_ctx.append(_broker_link)
+    if redis_dedup is not None:
+        app[REDIS_DEDUP] = redis_dedup
+        _watch_redis(health, metrics, redis_dedup)
+        app.cleanup_ctx.append(_redis_link)
     return app
+
+
+def _watch_redis(health: Health, metrics: Metrics, store: RedisDedupStore) -> None:
+    """Readiness, the ``/health`` dedup section and the metrics of the Redis dedup store."""
+    health.add_check("dedup", store.readiness)
+    health.add_detail("dedup", store.status)
+    metrics.gauge_callback(
+        "relay_dedup_store_up",
+        "1 while the shared dedup store (Redis) answers, else 0.",
+        lambda: 1 if store.up else 0,
+    )
+    metrics.counter_callback(
+        "relay_dedup_store_failures",
+        "Dedup store commands that failed because Redis could not be reached.",
+        lambda: store.failures,
+    )
+    metrics.counter_callback(
+        "relay_dedup_local_fallbacks",
+        "Dedup claims answered by this process's memory store while Redis was down "
+        "(dedup.on_store_failure = local).",
+        lambda: store.local_fallbacks,
+    )
 
 
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:
@@ -143,3 +200,10 @@ async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.close()
+
+
+async def _redis_link(app: web.Application) -> AsyncIterator[None]:
+    store = app[REDIS_DEDUP]
+    await store.start()
+    yield
+    await store.close()

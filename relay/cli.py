@@ -31,17 +31,26 @@ def _run(main: Any) -> Any:
         return runner.run(main)
 
 
-def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
-    """Run the relay until SIGTERM or SIGINT."""
-    from relay.logs import configure_logging  # noqa: PLC0415 - keep check-config light
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the relay until SIGTERM or SIGINT; with ``http.workers`` > 1, run that many worker
+    processes under a supervisor (relay/workers.py)."""
+    import structlog  # noqa: PLC0415 - keep check-config light
+
+    from relay.logs import configure_logging  # noqa: PLC0415
     from relay.service import StartupError, serve  # noqa: PLC0415
+    from relay.workers import Supervisor, WorkerError, WorkerInfo, worker_command  # noqa: PLC0415
 
     configure_logging(settings.log.level, settings.log.format)
     try:
-        code: int = _run(serve(settings))
-    except StartupError as exc:
-        import structlog  # noqa: PLC0415
-
+        worker = WorkerInfo.from_environ(os.environ)
+        if worker is None and settings.http.workers > 1:
+            supervisor = Supervisor(settings, worker_command(args.config), os.environ)
+            supervised: int = asyncio.run(supervisor.run())  # no hot path here: plain asyncio
+            return supervised
+        if worker is not None:
+            structlog.contextvars.bind_contextvars(worker=worker.index)
+        code: int = _run(serve(settings, worker=worker))
+    except (StartupError, WorkerError) as exc:
         structlog.get_logger("relay.service").error("relay.start_failed", error=str(exc))
         return EXIT_FAILURE
     return code

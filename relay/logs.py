@@ -63,7 +63,9 @@ def configure_logging(
         factory: Any = structlog.BytesLoggerFactory(stream.buffer)
     else:
         renderer = own_renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        factory = structlog.PrintLoggerFactory(stream)
+        factory = structlog.WriteLoggerFactory(stream)
+    # Either factory writes each line in one write() (print() makes two: the text, then "\n"),
+    # so the lines of several worker processes sharing stdout never run into each other.
 
     structlog.configure(
         processors=[*shared, own_renderer],

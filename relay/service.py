@@ -24,6 +24,7 @@ from relay.app import HEALTH, PUBLISHER, make_app
 from relay.errors import RelayError
 from relay.settings import Settings
 from relay.systemd import Notifier
+from relay.workers import WorkerInfo, worker_url
 
 log = structlog.get_logger("relay.service")
 
@@ -38,11 +39,17 @@ class Relay:
     ``async with Relay(settings) as relay`` starts it (the broker link is tried, the socket
     listens) and stops it gracefully on exit. ``url`` is the base URL actually bound (port 0
     picks a free port).
+
+    worker: set when this relay is one of ``http.workers`` (relay/workers.py): it then binds
+    ``http.port`` with SO_REUSEPORT, and also listens alone on ``worker.port`` (``worker_url``).
     """
 
-    def __init__(self, settings: Settings, **app_options: Any) -> None:
+    def __init__(
+        self, settings: Settings, *, worker: WorkerInfo | None = None, **app_options: Any
+    ) -> None:
         self.settings = settings
-        self.app = make_app(settings, **app_options)
+        self.worker = worker
+        self.app = make_app(settings, worker=worker, **app_options)
         self.runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -51,6 +58,8 @@ class Relay:
             shutdown_timeout=settings.http.shutdown_timeout,
         )
         self.addresses: list[tuple[str, int]] = []
+        #: this worker's own URL (None when the relay is one process)
+        self.worker_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -68,7 +77,8 @@ class Relay:
             await self.runner.cleanup()
             raise StartupError(str(exc)) from None
         http = self.settings.http
-        site = web.TCPSite(self.runner, http.host, http.port, backlog=1024)
+        reuse_port = self.worker is not None or None
+        site = web.TCPSite(self.runner, http.host, http.port, backlog=1024, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:
@@ -78,7 +88,17 @@ class Relay:
         server = site._server  # aiohttp has no public accessor for the bound sockets
         sockets = getattr(server, "sockets", None) or []
         self.addresses = [sock.getsockname()[:2] for sock in sockets]
-        log.info("relay.listening", url=self.url, version=__version__)
+        if self.worker is not None:
+            own = web.TCPSite(self.runner, http.host, self.worker.port, reuse_port=True)
+            try:
+                await own.start()
+            except OSError as exc:
+                await self.runner.cleanup()
+                raise StartupError(
+                    f"http.worker_port_base: {http.host}:{self.worker.port} cannot be bound: {exc}"
+                ) from None
+            self.worker_url = worker_url(http.host, own.port)
+        log.info("relay.listening", url=self.url, worker_url=self.worker_url, version=__version__)
 
     async def wait_durable(self) -> None:
         """Return once the relay can make events durable (the broker link and topology up)."""
@@ -101,9 +121,13 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     environ: Mapping[str, str] | None = None,
+    worker: WorkerInfo | None = None,
 ) -> int:
     """Run a relay until ``stop`` is set or SIGTERM/SIGINT arrives; returns the exit code
-    (0 after a clean shutdown). Raises StartupError when the relay cannot start."""
+    (0 after a clean shutdown). Raises StartupError when the relay cannot start.
+
+    worker: set in a worker process (relay/workers.py); it also stops when its supervisor is
+    gone (EOF on ``worker.lifeline_fd``)."""
     environ = os.environ if environ is None else environ
     stop = stop or asyncio.Event()
     notifier = Notifier(environ)
@@ -119,7 +143,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    relay = Relay(settings)
+    relay = Relay(settings, worker=worker)
     background: list[asyncio.Task[None]] = []
     try:
         await relay.start()
@@ -137,6 +161,8 @@ async def serve(
             log.info("relay.ready", url=relay.url)
 
         background.append(loop.create_task(announce_ready(), name="relay-ready"))
+        if worker is not None and worker.lifeline_fd is not None:
+            _watch_lifeline(worker.lifeline_fd, stop)
         background.append(loop.create_task(notifier.watchdog(), name="relay-watchdog"))
         await stop.wait()
         notifier.stopping()
@@ -153,6 +179,30 @@ async def serve(
             log.error("relay.shutdown_timeout", seconds=settings.http.shutdown_timeout)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if worker is not None and worker.lifeline_fd is not None:
+            with contextlib.suppress(OSError):
+                loop.remove_reader(worker.lifeline_fd)
         notifier.close()
     log.info("relay.stopped")
     return 0
+
+
+def _watch_lifeline(fd: int, stop: asyncio.Event) -> None:
+    """Set ``stop`` when the supervisor's end of the lifeline pipe closes (it exited or died)."""
+    loop = asyncio.get_running_loop()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            if not stop.is_set():
+                log.warning("relay.supervisor_gone")
+                stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, on_readable)

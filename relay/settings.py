@@ -54,7 +54,13 @@ class TokenSpec:
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """The HTTP listener. ``max_body_bytes`` bounds the body both as received and after gzip or
-    deflate decompression; ``shutdown_timeout`` (seconds) bounds the graceful stop."""
+    deflate decompression; ``shutdown_timeout`` (seconds) bounds the graceful stop.
+
+    ``workers`` > 1 runs that many processes sharing ``port`` (SO_REUSEPORT, relay/workers.py);
+    worker n also listens alone on ``worker_port_base + n`` so that its own ``/metrics`` and
+    ``/health`` can be scraped (``worker_port_base = 0``: ``port + 1``, or any free ports when
+    ``port`` is 0).
+    """
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -62,6 +68,8 @@ class HttpSettings:
     events_path: str = "/retm/events"
     errors_path: str = "/retm/errors"
     shutdown_timeout: float = 20.0
+    workers: int = 1
+    worker_port_base: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +104,22 @@ class AmqpSettings:
 class DedupSettings:
     """The dedup cache: ``ttl`` in seconds, at most ``max_entries`` delivered keys kept.
     ``key_fields`` are the body fields tried in order for the event's identity (the first
-    non-empty one wins; otherwise the body's SHA-256)."""
+    non-empty one wins; otherwise the body's SHA-256).
+
+    With ``backend = "redis"`` (relay/dedup_redis.py) keys live under ``redis_prefix`` in the
+    Redis at ``redis_url``; ``redis_timeout`` (seconds) bounds connecting and each command, and
+    ``on_store_failure`` says what happens while Redis cannot be reached: ``reject`` answers 503
+    with Retry-After, ``local`` falls back to the in-memory store of this process.
+    """
 
     backend: Literal["memory", "redis"] = "memory"
     ttl: float = 86_400.0
     max_entries: int = 1_000_000
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     key_fields: tuple[str, ...] = ("reference",)
+    on_store_failure: Literal["reject", "local"] = "reject"
+    redis_prefix: str = "retm-relay:dedup:"
+    redis_timeout: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,6 +457,24 @@ def validate(s: Settings) -> None:
         s.http.events_path != s.http.errors_path, "http.errors_path", "must differ from events_path"
     )
     _check(0 < s.http.shutdown_timeout <= 600, "http.shutdown_timeout", "must be in (0, 600]")
+    _check(1 <= s.http.workers <= 64, "http.workers", "must be between 1 and 64")
+    _check(
+        s.http.workers == 1 or s.dedup.backend != "memory",
+        "http.workers",
+        'more than one worker needs a shared dedup store: set dedup.backend = "redis"',
+    )
+    _check(
+        s.http.worker_port_base == 0 or 1 <= s.http.worker_port_base <= 65536 - s.http.workers,
+        "http.worker_port_base",
+        "must be 0 (http.port + 1) or a port leaving room for one port per worker",
+    )
+    _check(
+        s.http.workers == 1
+        or s.http.worker_port_base != 0
+        or s.http.port + s.http.workers <= 65535,
+        "http.port",
+        "must leave room above it for one port per worker (or set http.worker_port_base)",
+    )
 
     for spec in s.auth.tokens:
         _check(bool(spec.token.value.strip()), "auth.tokens", "a token must not be empty")
@@ -495,6 +530,12 @@ def validate(s: Settings) -> None:
         "must start with redis://, rediss:// or unix://",
     )
     _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
+    _check(
+        0 < len(s.dedup.redis_prefix) <= 100 and not any(c.isspace() for c in s.dedup.redis_prefix),
+        "dedup.redis_prefix",
+        "must be 1-100 characters without spaces",
+    )
+    _check(0 < s.dedup.redis_timeout <= 5, "dedup.redis_timeout", "must be in (0, 5] seconds")
     _validate_consumers(s)
 
 

@@ -419,3 +419,92 @@ class RelayProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.wait()
+
+
+# -- Redis (dedup.backend = "redis") ------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A unique ``dedup.redis_prefix`` on the shared test Redis (DB 15); its keys are deleted
+    afterwards. Fails (never skips) when Redis does not answer: `make test` starts it."""
+    import redis.asyncio  # noqa: PLC0415 - only the Redis tests need it
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (redis.RedisError, OSError) as exc:
+        await client.aclose()
+        pytest.fail(f"Redis does not answer at {REDIS_URL} ({exc}); run `make test`")
+    prefix = f"test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a private server of a test's own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PrivateRedis:
+    """A redis-server of a test's own on a spare port, which the test may stop and start again
+    (the shared Redis on 6379 is never stopped). No persistence: a restart starts empty."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        await wait_for(self._answers, timeout=10, what=f"redis-server on port {self.port}")
+
+    async def _answers(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    """A running private redis-server (see PrivateRedis), stopped after the test."""
+    server = PrivateRedis(tmp_path)
+    try:
+        await server.start()
+    except FileNotFoundError:
+        pytest.fail("redis-server is not installed; run `make test` (it installs Redis)")
+    yield server
+    await server.stop()

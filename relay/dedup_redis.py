@@ -1,0 +1,463 @@
+"""The shared dedup store in Redis: the memory store's claim, then commit or release, made atomic
+in Redis so that several relay instances (or workers) act as one.
+
+One Redis key per dedup key, ``<dedup.redis_prefix><dedup key>`` (``retm-relay:dedup:...``):
+
+- **claim**: ``SET key <owner> NX PX <lease> GET``, one round trip that either claims the key or
+  returns what it holds. ``<owner>`` is a random id of this process plus a counter. The lease
+  (a little over ``amqp.publish_timeout``) frees the claim of an owner that crashed.
+- **commit**: a Lua script sets ``delivered`` with ``PX <dedup.ttl>`` only if the key still
+  holds this owner's claim, or nothing (the lease ran out and nobody claimed the key since).
+- **release**: a Lua script deletes the key only if it still holds this owner's claim.
+
+A duplicate that arrives while the first delivery is in flight waits for that outcome and answers
+the same way (``Verdict``): on the same process it waits on the owner's future, without Redis; on
+another process it polls the key with backoff (5 ms doubling to 100 ms) until it reads
+``delivered`` (DUPLICATE), or no longer the same owner (FAILED), or ``wait_timeout`` passes
+(FAILED). Polling rather than pub/sub: concurrent copies of one event on two instances are rare,
+and polling needs no subscriber connection or per-key subscriptions to keep consistent.
+
+When Redis cannot be reached (refused, ``dedup.redis_timeout`` exceeded, LOADING, READONLY ...)
+the store is *down*: it stops sending to Redis, probes it with PING (0.25 s doubling to 5 s), and
+meanwhile either raises StoreUnavailable (``on_store_failure = "reject"``: the ingest answers 503
+with Retry-After) or answers from the in-memory store of this process (``"local"``: counted in
+``local_fallbacks``, logged once per outage). Redis 7.0 or newer is used natively; older servers
+(6.x) get the same claim as a Lua script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from relay.dedup import MemoryDedupStore, Verdict
+from relay.errors import StoreUnavailable
+
+log = structlog.get_logger("relay.dedup")
+
+DELIVERED = b"delivered"
+#: what counts as "Redis cannot be reached" (redis-py wraps socket errors in ConnectionError)
+STORE_ERRORS = (RedisError, OSError)
+PROBE_MIN, PROBE_MAX = 0.25, 5.0
+POLL_MIN, POLL_MAX = 0.005, 0.1
+NATIVE_CLAIM_VERSION = (7, 0)  # SET ... NX ... GET
+
+# KEYS[1] the key; ARGV[1] owner, ARGV[2] the delivered marker, ARGV[3] ttl in ms.
+_COMMIT = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] or not held then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if held == ARGV[2] then return 1 end
+return 0
+"""
+# KEYS[1] the key; ARGV[1] owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# SET NX PX GET for Redis before 7.0. KEYS[1] the key; ARGV[1] owner, ARGV[2] lease in ms.
+_CLAIM = """
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
+@dataclass(slots=True)
+class _Claim:
+    owner: bytes
+    outcome: asyncio.Future[bool]
+
+
+def redis_address(url: str) -> str:
+    """``host:port/db`` (or the socket path) of a Redis URL, without credentials, for
+    ``/health`` and logs."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    db = parts.path.lstrip("/") or "0"
+    return f"{parts.hostname}:{parts.port or 6379}/{db}"
+
+
+def connect(url: str, timeout: float) -> Redis:
+    """A redis-py asyncio client for ``url`` that fails fast: ``timeout`` seconds to connect and
+    per command, and one immediate retry on a broken connection (a pooled connection that
+    Redis closed), never on a timeout. Connects lazily, on the first command."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        client_name="retm-relay",
+    )
+
+
+class RedisDedupStore:
+    """The DedupStore protocol on a shared Redis (see the module docstring).
+
+    redis: a client from ``connect``. fallback: this process's MemoryDedupStore, used while
+    Redis is down in ``local`` mode (and remembering keys whose commit could not reach Redis).
+    ttl: seconds a delivered key is kept. lease: seconds a claim lives without commit or release.
+    wait_timeout: seconds a duplicate waits for the in-flight first delivery.
+    prefix: prepended to every dedup key. on_store_failure: ``reject`` or ``local``.
+    address: where Redis is (no credentials), for ``status``. native_claim: ``None`` to pick
+    ``SET NX GET`` or the Lua claim from the server's version; ``False`` forces the Lua claim.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        fallback: MemoryDedupStore,
+        *,
+        ttl: float,
+        lease: float,
+        wait_timeout: float,
+        prefix: str = "retm-relay:dedup:",
+        on_store_failure: Literal["reject", "local"] = "reject",
+        address: str = "",
+        native_claim: bool | None = None,
+    ) -> None:
+        self.redis = redis
+        self.fallback = fallback
+        self.ttl = ttl
+        self.lease = lease
+        self.wait_timeout = wait_timeout
+        self.prefix = prefix
+        self.on_store_failure = on_store_failure
+        self.address = address
+        #: whether Redis answered the last command (False: down, being probed)
+        self.up = False
+        self.last_error: str | None = "not connected yet"
+        self.down_since: float | None = time.time()
+        self.server_version = ""
+        #: Redis commands that failed (claims, commits, releases, waits; not the probes)
+        self.failures = 0
+        #: claims answered by the in-memory store because Redis was down (``local`` mode)
+        self.local_fallbacks = 0
+        self._native_claim = native_claim
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self._lease_ms = max(1, round(lease * 1000))
+        self._instance = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+        self._claims: dict[str, _Claim] = {}
+        self._local_claims: set[str] = set()
+        self._watches: dict[str, asyncio.Task[Verdict]] = {}
+        self._remote_waiters = 0
+        self._probe: asyncio.Task[None] | None = None
+        self._commit = redis.register_script(_COMMIT)
+        self._release = redis.register_script(_RELEASE)
+        self._claim_script = redis.register_script(_CLAIM)
+
+    def __len__(self) -> int:
+        """Delivered keys remembered in this process (the local fallback store)."""
+        return len(self.fallback)
+
+    @property
+    def in_flight(self) -> int:
+        """Keys this process claimed and has not yet committed or released."""
+        return len(self._claims) + len(self._local_claims)
+
+    async def start(self) -> None:
+        """Try Redis once (PING, server version); when it does not answer, start probing it in
+        the background. Never raises: Redis may come up after the relay."""
+        try:
+            await self._check()
+        except STORE_ERRORS as exc:
+            self.last_error = _describe(exc)
+            log.warning(
+                "dedup.store_down",
+                redis=self.address,
+                error=self.last_error,
+                on_store_failure=self.on_store_failure,
+            )
+            self._start_probe()
+        else:
+            self._mark_up()
+
+    async def close(self) -> None:
+        """Stop probing and waiting, and close the Redis connections."""
+        tasks = [t for t in (self._probe, *self._watches.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                await task
+        await self.redis.aclose()
+
+    # -- the DedupStore protocol ------------------------------------------------------------
+
+    async def claim(self, key: str) -> Verdict:
+        """Claim ``key`` (see Verdict). Raises StoreUnavailable when Redis cannot be reached in
+        ``reject`` mode. A duplicate of an in-flight key waits at most ``wait_timeout``."""
+        if key in self._local_claims:  # claimed in the local store during an outage
+            return await self._claim_locally(key)
+        own = self._claims.get(key)
+        if own is not None:
+            return await self._follow(own.outcome)
+        if len(self.fallback) and self.fallback.is_delivered(key):
+            return Verdict.DUPLICATE  # committed here while Redis could not be written
+        if not self.up:
+            return await self._degraded(key)
+        owner = f"{self._instance}:{next(self._counter)}".encode()
+        try:
+            held = await self._try_claim(self._rkey(key), owner)
+        except STORE_ERRORS as exc:
+            self._failed("claim", exc)
+            return await self._degraded(key)
+        if held is None or held == owner:  # ours (== owner: a retried SET had been applied)
+            self._claims[key] = _Claim(owner, asyncio.get_running_loop().create_future())
+            return Verdict.CLAIMED
+        if held == DELIVERED:
+            return Verdict.DUPLICATE
+        own = self._claims.get(key)
+        if own is not None and own.owner == held:  # claimed here meanwhile
+            return await self._follow(own.outcome)
+        try:
+            return await self._follow_remote(key, held)
+        except StoreUnavailable:
+            if self.on_store_failure == "reject":
+                raise
+            return await self._claim_locally(key)
+
+    async def commit(self, key: str) -> None:
+        """Mark ``key`` delivered for ``ttl`` and wake its waiters (as duplicates). Raises
+        StoreUnavailable when Redis cannot be written; the key is then remembered locally."""
+        if key in self._local_claims:
+            self._local_claims.discard(key)
+            await self.fallback.commit(key)
+            return
+        claim = self._claims.pop(key, None)
+        if claim is None:
+            return
+        _settle(claim.outcome, delivered=True)
+        try:
+            done = await self._commit(
+                keys=[self._rkey(key)], args=[claim.owner, DELIVERED, self._ttl_ms]
+            )
+        except STORE_ERRORS as exc:
+            self.fallback.commit_now(key)
+            self._failed("commit", exc)
+            raise StoreUnavailable(f"redis unreachable: {self.last_error}") from None
+        if not done:
+            log.warning("dedup.claim_lost", key=key, lease_seconds=self.lease)
+
+    async def release(self, key: str) -> None:
+        """Give up the claim on ``key`` and wake its waiters (as failed). Never raises: when
+        Redis cannot be reached, the claim's lease frees the key."""
+        if key in self._local_claims:
+            self._local_claims.discard(key)
+            await self.fallback.release(key)
+            return
+        claim = self._claims.pop(key, None)
+        if claim is None:
+            return
+        _settle(claim.outcome, delivered=False)
+        if not self.up:
+            return
+        try:
+            await self._release(keys=[self._rkey(key)], args=[claim.owner])
+        except STORE_ERRORS as exc:
+            self._failed("release", exc)
+
+    # -- status -------------------------------------------------------------------------------
+
+    def readiness(self) -> str | None:
+        """None when ready, else why not: Redis down in ``reject`` mode. In ``local`` mode the
+        relay stays ready (it deduplicates per process meanwhile)."""
+        if self.up or self.on_store_failure == "local":
+            return None
+        return f"redis {self.address} unreachable: {self.last_error}"
+
+    def status(self) -> dict[str, Any]:
+        """The ``dedup`` section of ``/health``."""
+        if self.up:
+            state = "up"
+        else:
+            state = "local_fallback" if self.on_store_failure == "local" else "down"
+        return {
+            "backend": "redis",
+            "state": state,
+            "redis": self.address,
+            "redis_version": self.server_version or None,
+            "on_store_failure": self.on_store_failure,
+            "last_error": None if self.up else self.last_error,
+            "down_since": None if self.down_since is None else _iso(self.down_since),
+            "failures": self.failures,
+            "local_fallbacks": self.local_fallbacks,
+            "in_flight": self.in_flight,
+            "remote_waits": self._remote_waiters,
+            "local_entries": len(self.fallback),
+            "ttl_seconds": self.ttl,
+            "lease_seconds": self.lease,
+            "wait_timeout_seconds": self.wait_timeout,
+            "prefix": self.prefix,
+        }
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _rkey(self, key: str) -> bytes:
+        return (self.prefix + key).encode("utf-8", "surrogatepass")
+
+    async def _try_claim(self, rkey: bytes, owner: bytes) -> bytes | None:
+        """One round trip: None when ``owner`` now holds ``rkey``, else what it held."""
+        if self._native_claim:
+            held = await cast(
+                Awaitable[bytes | None],
+                self.redis.set(rkey, owner, nx=True, px=self._lease_ms, get=True),
+            )
+        else:
+            held = await self._claim_script(keys=[rkey], args=[owner, self._lease_ms])
+        return held or None
+
+    async def _follow(self, outcome: asyncio.Future[bool]) -> Verdict:
+        try:
+            async with asyncio.timeout(self.wait_timeout):
+                delivered = await asyncio.shield(outcome)
+        except TimeoutError:
+            return Verdict.FAILED
+        return Verdict.DUPLICATE if delivered else Verdict.FAILED
+
+    async def _follow_remote(self, key: str, owner: bytes) -> Verdict:
+        """Wait for another process's delivery of ``key``; one poller per key here."""
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = asyncio.get_running_loop().create_task(self._watch(key, owner))
+            self._watches[key] = watch
+            watch.add_done_callback(lambda t: self._watch_done(key, t))
+        self._remote_waiters += 1
+        try:
+            return await asyncio.shield(watch)
+        finally:
+            self._remote_waiters -= 1
+
+    def _watch_done(self, key: str, task: asyncio.Task[Verdict]) -> None:
+        if self._watches.get(key) is task:
+            del self._watches[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here: a follower that went away must not warn
+
+    async def _watch(self, key: str, owner: bytes) -> Verdict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        rkey = self._rkey(key)
+        delay = POLL_MIN
+        while (remaining := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, POLL_MAX)
+            try:
+                held = await cast(Awaitable[bytes | None], self.redis.get(rkey))
+            except STORE_ERRORS as exc:
+                self._failed("wait", exc)
+                raise StoreUnavailable(f"redis unreachable: {self.last_error}") from None
+            if held == DELIVERED:
+                return Verdict.DUPLICATE
+            if held != owner:  # released, lease ran out, or claimed anew: the first one failed
+                return Verdict.FAILED
+        return Verdict.FAILED
+
+    async def _degraded(self, key: str) -> Verdict:
+        if self.on_store_failure == "reject":
+            raise StoreUnavailable(f"redis unreachable: {self.last_error}")
+        return await self._claim_locally(key)
+
+    async def _claim_locally(self, key: str) -> Verdict:
+        self.local_fallbacks += 1
+        verdict = await self.fallback.claim(key)
+        if verdict is Verdict.CLAIMED:
+            self._local_claims.add(key)
+        return verdict
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = _describe(exc)
+        if not self.up:
+            return
+        self.up = False
+        self.down_since = time.time()
+        log.warning(
+            "dedup.store_down",
+            redis=self.address,
+            operation=operation,
+            error=self.last_error,
+            on_store_failure=self.on_store_failure,
+        )
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(
+                self._probe_until_up(), name="dedup-redis-probe"
+            )
+
+    async def _probe_until_up(self) -> None:
+        delay = PROBE_MIN
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._check()
+            except STORE_ERRORS as exc:
+                self.last_error = _describe(exc)
+                delay = min(delay * 2, PROBE_MAX)
+                continue
+            down_for = None if self.down_since is None else time.time() - self.down_since
+            self._mark_up()
+            log.info(
+                "dedup.store_recovered",
+                redis=self.address,
+                down_seconds=None if down_for is None else round(down_for, 3),
+                version=self.server_version,
+            )
+            return
+
+    async def _check(self) -> None:
+        await self.redis.ping()
+        if not self.server_version:
+            info = await self.redis.info("server")
+            self.server_version = str(info.get("redis_version", ""))
+            if self._native_claim is None:
+                self._native_claim = _version(self.server_version) >= NATIVE_CLAIM_VERSION
+
+    def _mark_up(self) -> None:
+        self.up = True
+        self.last_error = None
+        self.down_since = None
+
+
+def _settle(outcome: asyncio.Future[bool], *, delivered: bool) -> None:
+    if not outcome.done():
+        outcome.set_result(delivered)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason; redis-py's messages name host and port, never the password."""
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
