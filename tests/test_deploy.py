@@ -32,7 +32,16 @@ import yaml
 
 from relay.service import Relay
 from relay.settings import load_settings
-from tests.conftest import AMQP_URL, TOKEN, Broker, Names, StartRelay, relay_environ, wait_for
+from tests.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    TOKEN,
+    Broker,
+    Names,
+    StartRelay,
+    relay_environ,
+    wait_for,
+)
 from tests.security import ROOT, Certs
 
 UNIT = ROOT / "systemd" / "retm-relay.service"
@@ -44,8 +53,9 @@ NGINX_SITE = ROOT / "deploy" / "nginx" / "retm-relay.conf"
 # Metrics the rules use that other branches add; remove each line once its branch is merged
 # (the test then requires the metric from a live relay like every other one).
 FROM_OTHER_BRANCHES = {
-    "relay_spool_depth": "the spool (issue 3): events waiting in the spool",
+    "relay_spool_events": "the spool (issue 3): events waiting in the spool",
     "relay_spool_oldest_age_seconds": "the spool (issue 3): age of the oldest spooled event",
+    "relay_spool_full": "the spool (issue 3): 1 while the spool is full",
 }
 
 
@@ -199,7 +209,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     promtool = tool("promtool")
     check = run(promtool, "check", "rules", RULES)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 13 rules found" in check.stdout
+    assert "SUCCESS: 14 rules found" in check.stdout
     tests = run(promtool, "test", "rules", RULE_TESTS.name, cwd=RULE_TESTS.parent)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "SUCCESS" in tests.stdout
@@ -221,12 +231,19 @@ def test_every_alert_has_a_firing_unit_test_and_operator_text() -> None:
 
 
 async def test_every_relay_metric_in_the_rules_exists(
-    start_relay: StartRelay, tmp_path: Path
+    start_relay: StartRelay, tmp_path: Path, redis_prefix: str
 ) -> None:
-    """Each ``relay_*`` metric the rules use is exported by a running relay (with TLS, so the
-    certificate metrics exist too), or is listed as coming from another branch."""
+    """Each ``relay_*`` metric the rules use is exported by a running relay (with TLS and the
+    Redis dedup store, so their metrics exist too), or is listed as coming from another
+    branch."""
     leaf = Certs(tmp_path).issue()
-    relay = await start_relay(RELAY_HTTP_TLS_CERT=str(leaf.cert), RELAY_HTTP_TLS_KEY=str(leaf.key))
+    relay = await start_relay(
+        RELAY_HTTP_TLS_CERT=str(leaf.cert),
+        RELAY_HTTP_TLS_KEY=str(leaf.key),
+        RELAY_DEDUP_BACKEND="redis",
+        RELAY_DEDUP_REDIS_URL=REDIS_URL,
+        RELAY_DEDUP_REDIS_PREFIX=redis_prefix,
+    )
     async with (
         aiohttp.ClientSession() as session,
         session.get(relay.url + "/metrics", ssl=False) as response,
