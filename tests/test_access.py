@@ -358,6 +358,31 @@ async def test_expect_100_continue_from_a_refused_source_gets_403_before_the_bod
     writer.close()
 
 
+async def test_expect_100_continue_counts_once_against_the_rate_limit(
+    start_relay: StartRelay, broker: Broker, names: Names
+) -> None:
+    """A request checked at ``Expect`` time is not checked again when its body arrives: with a
+    burst of 2, one 100-continue request and one plain request pass, the third gets 429."""
+    relay = await start_relay(RELAY_HTTP_RATE_LIMIT="0.001", RELAY_HTTP_RATE_BURST="2")
+    tap = await broker.tap(names.exchange)
+    headers = {**HEADERS, "Expect": "100-continue"}
+    reader, writer = await send_head(relay, "/retm/events", headers, len(BODY))
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(BODY)
+    status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+
+    url = relay.url + "/retm/events"
+    async with aiohttp.ClientSession() as session:
+        second, _, _ = await post(session, url, BODY.replace(b"acc-1", b"acc-2"))
+        third, _, _ = await post(session, url, BODY.replace(b"acc-1", b"acc-3"))
+    assert (second, third) == (200, 429)
+    assert [m.body for m in await tap.take(2)] == [BODY, BODY.replace(b"acc-1", b"acc-2")]
+
+
 async def _only_sentinel(relay: RunningRelay, tap: Tap) -> None:
     from tests.conftest import assert_only_sentinel_follows  # noqa: PLC0415
 
