@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= config/relay.example.toml
 
-.PHONY: run test lint format venv services browser bench clean
+.PHONY: run test lint format venv services browser tools bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ services:
 browser:
 	@bash deploy/scripts/ensure-chromium.sh
 
+# promtool and nginx for the deployment kit's tests, unpacked into .venv/tools when missing.
+tools: $(STAMP)
+	@bash deploy/scripts/ensure-tools.sh $(VENV)/tools
+
 # A random development token, kept out of the repository; the README's curl examples use it.
 var/dev-token: | $(STAMP)
 	@mkdir -p var
@@ -39,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint services browser
+test: lint services browser tools
 	$(BIN)/pytest
 
 # The benchmark of issue 5 (bench/run.py): a few minutes; BENCH_ARGS="--quick" for a smoke run,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from relay.access import Access
 from relay.auth import TokenAuthenticator
 from relay.dedup import DedupStore, MemoryDedupStore
 from relay.dedup_redis import RedisDedupStore, connect, redis_address
@@ -36,6 +37,7 @@ REDIS_DEDUP = web.AppKey("redis_dedup", RedisDedupStore)
 #: this process's place among ``http.workers`` (None when the relay runs as one process); name
 #: local state that must not be shared with ``relay.workers.state_name(worker, "spool", ".db")``
 WORKER: web.AppKey[WorkerInfo | None] = web.AppKey("worker")
+ACCESS = web.AppKey("access", Access)
 
 
 @web.middleware
@@ -116,7 +118,9 @@ def make_app(
         key_fields=settings.dedup.key_fields,
     )
 
-    app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=[json_errors])
+    access = Access(settings.http, metrics)
+    middlewares = [access.middleware, json_errors] if access.active else [json_errors]
+    app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[HEALTH] = health
@@ -124,9 +128,18 @@ def make_app(
     app[DEDUP] = dedup
     app[INGEST] = ingest
     app[WORKER] = worker
+    app[ACCESS] = access
 
-    app.router.add_post(settings.http.events_path, ingest.events)
-    app.router.add_post(settings.http.errors_path, ingest.errors)
+    app.router.add_post(
+        settings.http.events_path,
+        ingest.events,
+        expect_handler=access.expect_handler(ingest.authenticator, "events"),
+    )
+    app.router.add_post(
+        settings.http.errors_path,
+        ingest.errors,
+        expect_handler=access.expect_handler(ingest.authenticator, "errors"),
+    )
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/health", health.health)
@@ -156,6 +169,17 @@ def make_app(
     health.add_detail("last_retm_error", lambda: ingest.last_retm_error)
     if worker is not None:
         health.add_detail("worker", worker.status)
+    metrics.gauge_callback(
+        "relay_ready",
+        "1 when every readiness check passes (as /readyz).",
+        lambda: float(health.readiness()[0]),
+    )
+    metrics.labelled_gauge_callback(
+        "relay_ready_check",
+        "Readiness checks: 1 passing, 0 failing (the reason is in /readyz).",
+        "check",
+        lambda: {name: float(reason == "ok") for name, reason in health.readiness()[1].items()},
+    )
     metrics.gauge_callback(
         "relay_dedup_entries", "Delivered keys in the dedup cache.", lambda: len(dedup)
     )

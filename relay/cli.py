@@ -94,6 +94,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     path = args.path or (settings.http.errors_path if args.errors else settings.http.events_path)
     try:
         url = args.url or send.default_url(settings, path)
+        context = None if args.url else send.own_relay_context(settings)
     except ConfigError as exc:
         return _fail("send", f"configuration error: {exc}", EXIT_USAGE)
     token = args.token or send.first_token(settings)
@@ -117,7 +118,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     ) as bar:
         for name, body in bodies:
             try:
-                answer = send.post(url, body, token, args.timeout)
+                answer = send.post(url, body, token, args.timeout, context)
             except send.SendError as exc:
                 return _fail("send", str(exc))
             line = f"{name}: {answer.text()}" if many else answer.text()

@@ -10,7 +10,7 @@ read at scrape time through ``gauge_callbacks``. ``Metrics`` also keeps plain co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -30,11 +30,18 @@ class _CallbackCollector(Collector):
 
     def __init__(self) -> None:
         self.callbacks: dict[str, tuple[str, str, Callable[[], float]]] = {}
+        #: name -> (help, label name, callback giving {label value: value})
+        self.labelled: dict[str, tuple[str, str, Callable[[], Mapping[str, float]]]] = {}
 
     def collect(self) -> Iterator[Metric]:
         for name, (doc, kind, callback) in self.callbacks.items():
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, doc, value=float(callback()))
+        for name, (doc, label, values) in self.labelled.items():
+            gauge = GaugeMetricFamily(name, doc, labels=[label])
+            for label_value, value in values().items():
+                gauge.add_metric([label_value], float(value))
+            yield gauge
 
 
 class Metrics:
@@ -128,6 +135,13 @@ class Metrics:
     def gauge_callback(self, name: str, doc: str, callback: Callable[[], float]) -> None:
         """Export ``callback()`` as gauge ``name`` at every scrape."""
         self._callbacks.callbacks[name] = (doc, "gauge", callback)
+
+    def labelled_gauge_callback(
+        self, name: str, doc: str, label: str, callback: Callable[[], Mapping[str, float]]
+    ) -> None:
+        """Export ``callback()`` ({label value: value}) as gauge ``name`` with one ``label``
+        at every scrape."""
+        self._callbacks.labelled[name] = (doc, label, callback)
 
     def counter_callback(self, name: str, doc: str, callback: Callable[[], float]) -> None:
         """Export ``callback()`` (a count that only grows) as counter ``name``; ``name`` is

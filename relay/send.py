@@ -1,7 +1,8 @@
 """``retm-relay send``: post bodies to a running relay as RETM would, and print its answers.
 
 The operator's smoke test. The URL defaults to the relay of the settings
-(``http://<http.host>:<http.port><http.events_path>``, a wildcard host read as loopback); the
+(``http://<http.host>:<http.port><http.events_path>``, a wildcard host read as loopback;
+``https://`` when the relay has ``http.tls_cert``, trusting exactly that certificate); the
 Bearer token is the first of ``auth.tokens`` unless one is given. The token is sent in the
 ``Authorization`` header only: never printed, never sent on a redirect (redirects are not
 followed) and never through a proxy from the environment.
@@ -9,6 +10,7 @@ followed) and never through a proxy from the environment.
 
 from __future__ import annotations
 
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa:
 
 
 def default_url(settings: Settings, path: str) -> str:
-    """``http://host:port<path>`` of the relay described by ``settings``.
+    """``http://host:port<path>`` of the relay described by ``settings`` (``https://`` with
+    ``http.tls_cert``).
 
     Raises ConfigError("http.port") when the port is 0 (any free port: only the relay's log
     knows which), so the caller asks for ``--url``.
@@ -33,7 +36,28 @@ def default_url(settings: Settings, path: str) -> str:
     host = WILDCARD_HOSTS.get(http.host, http.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{http.port}{path}"
+    scheme = "https" if http.tls_cert is not None else "http"
+    return f"{scheme}://{host}:{http.port}{path}"
+
+
+def own_relay_context(settings: Settings) -> ssl.SSLContext | None:
+    """For the default URL of a relay with ``http.tls_cert``: a context that trusts exactly the
+    certificates in that file (the leaf itself is a trust anchor), and no others. The default
+    URL names a loopback address, not the certificate's name, so the host name is not checked;
+    the pinned certificate is what proves it is the relay. None without TLS.
+
+    Raises ConfigError("http.tls_cert") when the file cannot be read as PEM certificates.
+    """
+    cert = settings.http.tls_cert
+    if cert is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=cert)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("http.tls_cert", f"cannot use {cert} to check the relay: {exc}") from None
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
 
 
 def first_token(settings: Settings) -> str | None:
@@ -72,10 +96,19 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
 
-def post(url: str, body: bytes, token: str, timeout: float) -> Answer:
+def _opener_with(context: ssl.SSLContext) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), _NoRedirect(), urllib.request.HTTPSHandler(context=context)
+    )
+
+
+def post(
+    url: str, body: bytes, token: str, timeout: float, context: ssl.SSLContext | None = None
+) -> Answer:
     """POST ``body`` to ``url`` as ``application/json`` with ``Authorization: Bearer token``.
 
-    timeout: seconds for the connection and the answer. Returns every HTTP answer (4xx and 5xx
+    timeout: seconds for the connection and the answer. context: the TLS context for an
+    ``https://`` URL (default: the system's trusted CAs). Returns every HTTP answer (4xx and 5xx
     included); raises SendError when there is none.
     """
     request = urllib.request.Request(  # noqa: S310 - the operator's own relay URL
@@ -89,7 +122,8 @@ def post(url: str, body: bytes, token: str, timeout: float) -> Answer:
         },
     )
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        opener = _OPENER if context is None else _opener_with(context)
+        with opener.open(request, timeout=timeout) as response:
             return Answer(response.status, response.read())
     except urllib.error.HTTPError as exc:
         with exc:

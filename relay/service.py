@@ -3,7 +3,7 @@
 ``Relay`` starts and stops one relay (tests use it exactly as ``serve`` does). ``serve`` runs one
 until SIGTERM or SIGINT: it stops accepting, lets the requests in flight finish (including their
 publishes), closes the broker link last, all within ``http.shutdown_timeout``. A second signal
-exits at once.
+exits at once. SIGHUP reloads the TLS certificate (``relay.tls``) without dropping connections.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import structlog
 from aiohttp import web
 
 from relay import __version__
-from relay.app import HEALTH, PUBLISHER, make_app
-from relay.errors import RelayError
+from relay.app import HEALTH, METRICS, PUBLISHER, make_app
+from relay.errors import ConfigError, RelayError
 from relay.settings import Settings
 from relay.systemd import Notifier
+from relay.tls import CertificateStore
 from relay.workers import WorkerInfo, worker_url
 
 log = structlog.get_logger("relay.service")
@@ -50,6 +51,8 @@ class Relay:
         self.settings = settings
         self.worker = worker
         self.app = make_app(settings, worker=worker, **app_options)
+        #: the HTTPS certificate (http.tls_cert/http.tls_key), loaded by ``start``
+        self.certificates: CertificateStore | None = None
         self.runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -63,22 +66,49 @@ class Relay:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` of the first bound address."""
+        """``http://host:port`` (``https://`` with TLS) of the first bound address."""
         host, port = self.addresses[0][:2]
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        scheme = "https" if self.certificates is not None else "http"
+        return f"{scheme}://{host}:{port}"
 
     async def start(self) -> None:
-        """Open the broker link (raises StartupError on a topology mismatch) and listen
-        (StartupError when the address is in use or cannot be bound)."""
+        """Load the TLS certificate (StartupError naming http.tls_cert or http.tls_key), open
+        the broker link (StartupError on a topology mismatch) and listen (StartupError when the
+        address is in use or cannot be bound)."""
+        http = self.settings.http
+        if http.tls_cert is not None and http.tls_key is not None:
+            try:
+                self.certificates = CertificateStore(http.tls_cert, http.tls_key)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
+            store = self.certificates
+            metrics = self.app[METRICS]
+            metrics.counter_callback(
+                "relay_tls_reloads",
+                "Certificate reloads (SIGHUP) that succeeded.",
+                lambda: store.reloads,
+            )
+            metrics.counter_callback(
+                "relay_tls_reload_failures",
+                "Certificate reloads that failed (the previous certificate stays in use).",
+                lambda: store.reload_failures,
+            )
         try:
             await self.runner.setup()
         except RelayError as exc:
             await self.runner.cleanup()
             raise StartupError(str(exc)) from None
-        http = self.settings.http
         reuse_port = self.worker is not None or None
-        site = web.TCPSite(self.runner, http.host, http.port, backlog=1024, reuse_port=reuse_port)
+        ssl_context = self.certificates.context if self.certificates is not None else None
+        site = web.TCPSite(
+            self.runner,
+            http.host,
+            http.port,
+            backlog=1024,
+            reuse_port=reuse_port,
+            ssl_context=ssl_context,
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -89,7 +119,9 @@ class Relay:
         sockets = getattr(server, "sockets", None) or []
         self.addresses = [sock.getsockname()[:2] for sock in sockets]
         if self.worker is not None:
-            own = web.TCPSite(self.runner, http.host, self.worker.port, reuse_port=True)
+            own = web.TCPSite(
+                self.runner, http.host, self.worker.port, reuse_port=True, ssl_context=ssl_context
+            )
             try:
                 await own.start()
             except OSError as exc:
@@ -97,8 +129,16 @@ class Relay:
                 raise StartupError(
                     f"http.worker_port_base: {http.host}:{self.worker.port} cannot be bound: {exc}"
                 ) from None
-            self.worker_url = worker_url(http.host, own.port)
+            self.worker_url = worker_url(http.host, own.port, tls=ssl_context is not None)
         log.info("relay.listening", url=self.url, worker_url=self.worker_url, version=__version__)
+
+    def reload(self) -> None:
+        """SIGHUP: load the TLS certificate and key again for new connections (established ones
+        keep theirs). Other settings need a restart."""
+        if self.certificates is None:
+            log.info("relay.reload", detail="nothing to reload: no http.tls_cert")
+            return
+        self.certificates.reload()
 
     async def wait_durable(self) -> None:
         """Return once the relay can make events durable (the broker link and topology up)."""
@@ -144,11 +184,12 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
 
     relay = Relay(settings, worker=worker)
+    announced = _handle_reload(relay, notifier)
     background: list[asyncio.Task[None]] = []
     try:
         await relay.start()
     except StartupError:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         notifier.close()
         raise
@@ -158,6 +199,7 @@ async def serve(
             await relay.wait_durable()
             ready, checks = relay.app[HEALTH].readiness()
             notifier.ready(f"serving on {relay.url}; " + ("ready" if ready else str(checks)))
+            announced.set()
             log.info("relay.ready", url=relay.url)
 
         background.append(loop.create_task(announce_ready(), name="relay-ready"))
@@ -177,7 +219,7 @@ async def serve(
                 await relay.stop()
         except TimeoutError:
             log.error("relay.shutdown_timeout", seconds=settings.http.shutdown_timeout)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if worker is not None and worker.lifeline_fd is not None:
             with contextlib.suppress(OSError):
@@ -206,3 +248,23 @@ def _watch_lifeline(fd: int, stop: asyncio.Event) -> None:
 
     os.set_blocking(fd, False)
     loop.add_reader(fd, on_readable)
+
+
+def _handle_reload(relay: Relay, notifier: Notifier) -> asyncio.Event:
+    """Handle SIGHUP from now on (before the start: its default action would end the process);
+    returns the event to set once READY=1 was sent."""
+    announced = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, _on_reload, relay, notifier, announced
+    )
+    return announced
+
+
+def _on_reload(relay: Relay, notifier: Notifier, announced: asyncio.Event) -> None:
+    """SIGHUP: reload, telling systemd (RELOADING=1 ... READY=1) once READY=1 was sent."""
+    if not announced.is_set():  # READY=1 must not come before the relay is ready
+        relay.reload()
+        return
+    notifier.reloading()
+    relay.reload()
+    notifier.ready(f"serving on {relay.url}; reloaded")

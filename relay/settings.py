@@ -12,6 +12,7 @@ key is documented with its default in ``config/relay.example.toml``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import types
@@ -60,7 +61,14 @@ class HttpSettings:
     worker n also listens alone on ``worker_port_base + n`` so that its own ``/metrics`` and
     ``/health`` can be scraped (``worker_port_base = 0``: ``port + 1``, or any free ports when
     ``port`` is 0).
-    """
+
+    Security (``relay.tls``, ``relay.access``): ``tls_cert`` (PEM certificate chain) and
+    ``tls_key`` (its unencrypted PEM private key) turn on HTTPS, reloaded on SIGHUP.
+    ``trusted_proxies`` (IP addresses or CIDRs) are the reverse proxies whose
+    ``X-Forwarded-For``/``X-Forwarded-Proto`` are believed. ``allow_sources`` (CIDRs; empty:
+    any) and ``rate_limit`` (requests per second per source, 0: off) with ``rate_burst``
+    (requests) guard every route but the monitoring ones. Plain HTTP on an address other than
+    loopback needs ``trusted_proxies`` (TLS terminated in front of the relay)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -70,6 +78,12 @@ class HttpSettings:
     shutdown_timeout: float = 20.0
     workers: int = 1
     worker_port_base: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    allow_sources: tuple[str, ...] = ()
+    rate_limit: float = 0.0
+    rate_burst: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,6 +489,7 @@ def validate(s: Settings) -> None:
         "http.port",
         "must leave room above it for one port per worker (or set http.worker_port_base)",
     )
+    _validate_http_security(s.http)
 
     for spec in s.auth.tokens:
         _check(bool(spec.token.value.strip()), "auth.tokens", "a token must not be empty")
@@ -597,6 +612,58 @@ def _validate_consumers(s: Settings) -> None:
             key,
             f"exchange {queue.exchange!r} of {queue.name!r} is not one of the relay's exchanges",
         )
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``http.host`` names only loopback: 127.0.0.0/8, ::1 or ``localhost``. Any other
+    name or address (``0.0.0.0``, ``::``, a public IP, a hostname) counts as reachable."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _networks(key: str, values: tuple[str, ...]) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(key, f"{value!r} is not an IP address or CIDR") from None
+
+
+def _readable(key: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _validate_http_security(h: HttpSettings) -> None:
+    _check(
+        (h.tls_cert is None) == (h.tls_key is None),
+        "http.tls_key" if h.tls_key is None else "http.tls_cert",
+        "http.tls_cert and http.tls_key go together: set both or neither",
+    )
+    if h.tls_cert is not None and h.tls_key is not None:
+        _readable("http.tls_cert", h.tls_cert)
+        _readable("http.tls_key", h.tls_key)
+    _networks("http.trusted_proxies", h.trusted_proxies)
+    _networks("http.allow_sources", h.allow_sources)
+    _check(0 <= h.rate_limit <= 1_000_000, "http.rate_limit", "must be in [0, 1000000]")
+    _check(1 <= h.rate_burst <= 1_000_000, "http.rate_burst", "must be in [1, 1000000]")
+    _check(
+        h.tls_cert is not None or bool(h.trusted_proxies) or is_loopback_host(h.host),
+        "http.host",
+        f"{h.host} is not a loopback address and the relay would serve plain HTTP, which would "
+        "carry RETM's Bearer tokens in clear text: set http.tls_cert and http.tls_key, or set "
+        "http.trusted_proxies to the reverse proxy that terminates TLS, or listen on 127.0.0.1",
+    )
 
 
 def _mask_url(value: str) -> str:

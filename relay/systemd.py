@@ -1,4 +1,4 @@
-"""systemd integration: ``sd_notify`` (READY=1, STATUS=, WATCHDOG=1, STOPPING=1).
+"""systemd integration: ``sd_notify`` (READY=1, RELOADING=1, STATUS=, WATCHDOG=1, STOPPING=1).
 
 The protocol is one datagram per notification to the socket named by ``$NOTIFY_SOCKET`` (a path,
 or an abstract socket when it starts with ``@``); without it every call is a no-op, so the relay
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 import structlog
@@ -51,6 +52,12 @@ class Notifier:
     def ready(self, status: str) -> None:
         """READY=1 with a STATUS= line."""
         self.notify("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        """RELOADING=1 (with MONOTONIC_USEC, as systemd 253+ wants): a reload has begun; the
+        next ``ready`` ends it."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
 
     def status(self, status: str) -> None:
         """Update STATUS= (shown by ``systemctl status``)."""

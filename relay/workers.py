@@ -14,9 +14,10 @@ systemd as one service:
   sent it, relays the watchdog (a worker that stops pinging is killed and restarted), and is the
   only process that talks to systemd (``NotifyAccess=main`` stays right).
 - **Signals**: SIGTERM or SIGINT is forwarded once to every worker, which stops gracefully; a
-  second signal is forwarded again, which makes the workers exit at once. Workers run in their own
-  session so that a terminal's Ctrl-C reaches only the supervisor. The unit needs
-  ``KillMode=mixed`` so that systemd signals only the supervisor first.
+  second signal is forwarded again, which makes the workers exit at once. SIGHUP
+  (``systemctl reload``) goes to every ready worker, which reloads its TLS certificate. Workers
+  run in their own session so that a terminal's Ctrl-C reaches only the supervisor. The unit
+  needs ``KillMode=mixed`` so that systemd signals only the supervisor first.
 - **Restarts**: a worker that exits on its own after start-up is restarted with backoff (0.5 s
   doubling to 10 s); one that fails before every worker was ready stops the whole start (exit 1).
 - **Lifeline**: each worker holds the read end of a pipe whose write end only the supervisor
@@ -134,9 +135,10 @@ def reserve_port(host: str, port: int) -> tuple[int, list[socket.socket]]:
     return port, sockets
 
 
-def worker_url(host: str, port: int) -> str:
-    """``http://host:port``, with brackets around an IPv6 host."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def worker_url(host: str, port: int, *, tls: bool = False) -> str:
+    """``http://host:port`` (``https://`` with ``tls``), with brackets around an IPv6 host."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 @dataclass(eq=False)
@@ -169,6 +171,7 @@ class Supervisor:
         self, settings: Settings, command: Sequence[str], environ: Mapping[str, str]
     ) -> None:
         self.settings = settings
+        self._tls = settings.http.tls_cert is not None
         self.command = list(command)
         self.environ = dict(environ)
         self.port = 0
@@ -189,7 +192,7 @@ class Supervisor:
     @property
     def url(self) -> str:
         """The shared URL every worker listens on."""
-        return worker_url(self.settings.http.host, self.port)
+        return worker_url(self.settings.http.host, self.port, tls=self._tls)
 
     async def run(self) -> int:
         """Start the workers, run until SIGTERM/SIGINT, stop them; returns the exit code (0
@@ -209,12 +212,15 @@ class Supervisor:
                 loop.add_reader(sock.fileno(), self._on_notify, slot)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload)
             watchdog = loop.create_task(self._notifier.watchdog(), name="workers-watchdog")
             log.info(
                 "workers.starting",
                 url=self.url,
                 workers=len(self.slots),
-                worker_urls=[worker_url(self.settings.http.host, s.port) for s in self.slots],
+                worker_urls=[
+                    worker_url(self.settings.http.host, s.port, tls=self._tls) for s in self.slots
+                ],
             )
             for slot in self.slots:
                 await self._spawn(slot)
@@ -224,7 +230,7 @@ class Supervisor:
                 await watchdog
             await self._shutdown()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             self._cleanup()
         log.info("workers.stopped", exit_code=self._exit_code)
@@ -358,7 +364,7 @@ class Supervisor:
                     {
                         "index": s.index,
                         "pid": s.process.pid if s.process else None,
-                        "url": worker_url(self.settings.http.host, s.port),
+                        "url": worker_url(self.settings.http.host, s.port, tls=self._tls),
                     }
                     for s in self.slots
                 ],
@@ -394,6 +400,17 @@ class Supervisor:
             return
         log.info("workers.stopping", signal=name)
         self._stop.set()
+
+    def _on_reload(self) -> None:
+        """SIGHUP (``systemctl reload``): every ready worker reloads its TLS certificate. A worker
+        still starting may not have its own SIGHUP handler yet (the signal would end it); it
+        reads the current files as it starts anyway."""
+        ready = [s for s in self.slots if s.ready and s.process and s.process.returncode is None]
+        log.info("workers.reloading", workers=[s.index for s in ready])
+        for slot in ready:
+            assert slot.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGHUP)
 
     def _signal_workers(self, signum: int) -> None:
         for slot in self.slots:

@@ -131,8 +131,10 @@ def test_plan_gives_quorum_queues_with_their_dead_letter_queues() -> None:
     ],
 )
 def test_send_default_url_reads_the_listener_settings(host: str, url: str) -> None:
-    """A wildcard listener is reached on loopback."""
-    settings = load_settings(None, {"RELAY_HTTP_HOST": host})
+    """A wildcard listener is reached on loopback. (Plain HTTP off loopback needs a trusted
+    proxy in front, hence RELAY_HTTP_TRUSTED_PROXIES.)"""
+    environ = {"RELAY_HTTP_HOST": host, "RELAY_HTTP_TRUSTED_PROXIES": "10.0.0.1"}
+    settings = load_settings(None, environ)
     assert default_url(settings, settings.http.events_path) == url
 
 

@@ -56,7 +56,9 @@ def test_environment_overrides_toml(tmp_path: Path) -> None:
     """RELAY_<SECTION>_<KEY> beats the file, which beats the defaults."""
     path = tmp_path / "relay.toml"
     path.write_text(
-        '[http]\nport = 9000\nhost = "0.0.0.0"\n[amqp]\nexchange = "from.toml"\n'
+        # a public address needs TLS or a trusted proxy in front (plain HTTP is refused)
+        '[http]\nport = 9000\nhost = "0.0.0.0"\ntrusted_proxies = ["10.0.0.1"]\n'
+        '[amqp]\nexchange = "from.toml"\n'
         'publish_timeout = 3\n[auth]\ntokens = ["t1", {token = "t2", business = "biz"}]\n'
     )
     s = load_settings(
