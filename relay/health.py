@@ -28,11 +28,17 @@ class Health:
         self.metrics = metrics
         self.started_at = time.time()
         self._checks: dict[str, Check] = {}
+        self._degrading: set[str] = set()
         self._details: dict[str, Callable[[], Any]] = {}
 
-    def add_check(self, name: str, check: Check) -> None:
-        """Register readiness check ``name``: returns None when ready, else the reason."""
+    def add_check(self, name: str, check: Check, *, degrades: bool = False) -> None:
+        """Register readiness check ``name``: returns None when ready, else the reason.
+        ``degrades``: a failure of this check alone leaves the relay working in a degraded
+        mode (events are still made durable, in the spool): readiness answers 503
+        ``degraded`` instead of ``unready``."""
         self._checks[name] = check
+        if degrades:
+            self._degrading.add(name)
 
     def add_detail(self, name: str, provider: Callable[[], Any]) -> None:
         """Register a section of ``/health``."""
@@ -53,7 +59,8 @@ class Health:
         if ready:
             return json_response({"status": "ready", "checks": checks})
         reasons = {name: reason for name, reason in checks.items() if reason != "ok"}
-        return json_response({"status": "unready", "reasons": reasons, "checks": checks}, 503)
+        status = "degraded" if set(reasons) <= self._degrading else "unready"
+        return json_response({"status": status, "reasons": reasons, "checks": checks}, 503)
 
     def details(self) -> dict[str, Any]:
         """Everything ``/health`` shows."""

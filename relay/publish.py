@@ -93,6 +93,35 @@ class _Link:
     underlay: aiormq.abc.AbstractChannel
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    #: loop time of the broker's latest answer (confirm, nack, return) to a publish
+    last_reply: float = 0.0
+    #: publishes on this link still waiting for their confirm
+    inflight: set[asyncio.Task[bool]] = field(default_factory=set)
+
+    def mark_closed(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+
+
+def _is_blocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """Whether the broker has blocked ``connection`` (``connection.blocked``: a memory or disk
+    alarm; RabbitMQ then stops reading the socket, so no publish would be confirmed).
+
+    aiormq keeps that state in a private Event and exposes it only through the public
+    coroutine ``ready()``, which returns at once unless the connection is blocked (or not yet
+    open). Rather than reach into the private attribute, step that coroutine once: it either
+    finishes (not blocked) or suspends on the Event (blocked); closing it at once removes its
+    waiter again, so nothing is left behind.
+    """
+    waiter = connection.ready()
+    try:
+        waiter.send(None)
+    except StopIteration:
+        return False
+    finally:
+        waiter.close()
+    return True
 
 
 def _url_with_heartbeat(url: str, heartbeat: int) -> URL:
@@ -212,6 +241,10 @@ class Publisher:
             self.connected.clear()
             self.connected_since = None
             self.metrics.broker_connected(False)
+            # A dead link's confirms will never come: fail its publishes now rather than
+            # leave their waiters to aiormq's close, which a stalled socket can hold up.
+            for task in list(link.inflight):
+                task.cancel()
         self.reconnects += 1
         self.last_error = link.close_reason or "connection closed"
         if not self._closing:
@@ -250,9 +283,7 @@ class Publisher:
         link = _Link(connection, channel, underlay)
 
         def on_close(_: object, exc: BaseException | None = None) -> None:
-            if not link.closed.is_set():
-                link.close_reason = _describe(exc) if exc else "closed"
-                link.closed.set()
+            link.mark_closed(_describe(exc) if exc else "closed")
 
         connection.close_callbacks.add(on_close)
         channel.close_callbacks.add(on_close)
@@ -298,6 +329,31 @@ class Publisher:
 
     # -- publishing ------------------------------------------------------------------------
 
+    @property
+    def blocked(self) -> bool:
+        """True while the broker blocks the link (``connection.blocked``: memory or disk
+        alarm); publishes then fail at once with BrokerUnavailable("blocked")."""
+        link = self._link
+        return link is not None and _is_blocked(link.underlay.connection)
+
+    async def wait_unblocked(self) -> None:
+        """Return once the link is unblocked, or gone (check ``connected`` afterwards)."""
+        link = self._link
+        if link is None:
+            return
+        ready = asyncio.ensure_future(link.underlay.connection.ready())
+        closed = asyncio.ensure_future(link.closed.wait())
+        try:
+            await asyncio.wait((ready, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            closed.cancel()
+
+    def in_flight(self) -> int:
+        """Publishes on the current link still waiting for their confirm."""
+        link = self._link
+        return len(link.inflight) if link is not None else 0
+
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
         False when it was unroutable and confirmed on the unrouted exchange instead.
@@ -311,12 +367,26 @@ class Publisher:
         link = self._link
         if link is None:
             raise BrokerUnavailable("disconnected", self.last_error)
+        if _is_blocked(link.underlay.connection):
+            raise BrokerUnavailable("blocked", "the broker blocked the connection (an alarm)")
         started = time.perf_counter()
-        task = asyncio.get_running_loop().create_task(self._publish_confirmed(link, envelope))
-        done, _ = await asyncio.wait((task,), timeout=timeout or self.settings.publish_timeout)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        task = loop.create_task(self._publish_confirmed(link, envelope))
+        link.inflight.add(task)
+        task.add_done_callback(link.inflight.discard)
+        deadline = timeout or self.settings.publish_timeout
+        done, _ = await asyncio.wait((task,), timeout=deadline)
         if not done:
             task.add_done_callback(self._on_late_result)
+            if link.last_reply < sent_at:
+                # Nothing at all came back since this publish went out: the path is dead
+                # (a stall without FIN or RST). Drop the link; the supervisor reconnects.
+                log.warning("broker.stalled", broker=self.address, seconds=deadline)
+                link.mark_closed(f"no answer from the broker within {deadline:g}s (stalled)")
             raise BrokerUnavailable("timeout", "no publisher confirm before the deadline", task)
+        if task.cancelled():
+            raise BrokerUnavailable("channel_closed", link.close_reason or "link closed")
         routed = task.result()
         self.metrics.published(envelope.event, time.perf_counter() - started)
         return routed
@@ -328,6 +398,7 @@ class Publisher:
     async def _publish_confirmed(self, link: _Link, envelope: Envelope) -> bool:
         route = envelope.route
         properties = envelope.properties()
+        loop = asyncio.get_running_loop()
         try:
             try:
                 await link.underlay.basic_publish(
@@ -338,8 +409,12 @@ class Publisher:
                     mandatory=True,
                 )
             except PublishError:
-                pass
+                link.last_reply = loop.time()
+            except DeliveryError:
+                link.last_reply = loop.time()
+                raise
             else:
+                link.last_reply = loop.time()
                 return True
             self.metrics.unroutable()
             log.info(
