@@ -57,7 +57,9 @@ class StoreAndForward:
                 reason, pending = exc.reason, exc.pending
             else:
                 return "accepted"
-        await spool.put(envelope, reason, pending)
+        seq = await spool.put(envelope, reason, pending)
+        if reason == "channel_closed":  # the link died after the publish went out
+            spool.maybe_sent.add(seq)
         self.metrics.spooled(reason)
         return "spooled"
 

@@ -262,9 +262,10 @@ class Publisher:
                 fut.set_exception(exc)
 
     async def _connect(self) -> _Link:
-        connection = await aio_pika.connect(
+        # aio_pika.connect() would leave a failed Connection for the garbage collector, whose
+        # __del__ schedules a close() that may never run; build it here and close it instead.
+        connection = aio_pika.Connection(
             self._url,
-            timeout=self.settings.connect_timeout,
             client_properties={
                 "connection_name": f"retm-relay {socket.gethostname()} pid {os.getpid()}",
                 "product": "retm-relay",
@@ -272,6 +273,7 @@ class Publisher:
             },
         )
         try:
+            await connection.connect(timeout=self.settings.connect_timeout)
             async with asyncio.timeout(self.settings.connect_timeout):
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 await self.declare(channel)
