@@ -17,6 +17,7 @@ import orjson
 from relay import __version__
 from relay.errors import ConfigError
 from relay.settings import Settings, describe, load_settings, resolve_config_path
+from relay.spool_cli import add_spool_commands
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RELAY_AMQP_PUBLISH_TIMEOUT=3 retm-relay check-config --show",
     )
     check.add_argument("--show", action="store_true", help="print the settings, secrets masked")
+    add_spool_commands(add, common)
     return parser
 
 

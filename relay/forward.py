@@ -134,7 +134,7 @@ class Forwarder:
                 continue
             self._idle.clear()
             try:
-                ok = await self._forward(batch)
+                ok = await self.forward_batch(batch)
             finally:
                 self._idle.set()
             if ok:
@@ -143,8 +143,9 @@ class Forwarder:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _forward(self, batch: list[SpooledEvent]) -> bool:
-        """Publish ``batch`` at once and delete what was confirmed; True when all were."""
+    async def forward_batch(self, batch: list[SpooledEvent]) -> bool:
+        """Publish ``batch`` at once (in seq order, on one channel) and delete the rows that
+        were confirmed; True when all were. Used by the loop and by ``spool replay``."""
         spool = self.spool
         results = await asyncio.gather(*(self._publish(row) for row in batch))
         confirmed = [row.seq for row, ok in zip(batch, results, strict=True) if ok]
