@@ -30,6 +30,9 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 DEDUP = web.AppKey("dedup", MemoryDedupStore)
 INGEST = web.AppKey("ingest", Ingest)
 SPOOL = web.AppKey("spool", Spool)
+#: seconds the start waits for the broker's first answer (a topology mismatch then stops the
+#: start); a broker still silent after that no longer holds it up: events are spooled
+BROKER_START_WAIT = 1.0
 FORWARDER = web.AppKey("forwarder", Forwarder)
 
 
@@ -203,7 +206,7 @@ def _spool_metrics(metrics: Metrics, spool: Spool, forwarder: Forwarder) -> None
 
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
-    await publisher.start()
+    await publisher.start(wait=BROKER_START_WAIT)
     yield
     await publisher.close()
 

@@ -50,6 +50,8 @@ class StoreAndForward:
             reason = "queued"  # behind events already spooled: keep the spool's order
         elif not publisher.connected.is_set():
             reason = "disconnected"
+        elif publisher.suspect:
+            reason = "stalled"  # do not add to the publishes a silent link holds
         else:
             try:
                 await publisher.publish(envelope)

@@ -30,6 +30,7 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from aiormq.exceptions import (
     AMQPError,
     ChannelNotFoundEntity,
@@ -53,6 +54,9 @@ APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+#: seconds without any answer to an outstanding publish after which the link is suspect:
+#: new events go to the spool instead of joining the queue of unanswered publishes
+SUSPECT_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +99,42 @@ class _Link:
     close_reason: str = ""
     #: loop time of the broker's latest answer (confirm, nack, return) to a publish
     last_reply: float = 0.0
-    #: publishes on this link still waiting for their confirm
-    inflight: set[asyncio.Task[bool]] = field(default_factory=set)
+    #: publishes on this link still waiting for their confirm -> loop time they were sent
+    inflight: dict[asyncio.Task[bool], float] = field(default_factory=dict)
+    transport: _RecordingTransport | None = None
 
     def mark_closed(self, reason: str) -> None:
         if not self.closed.is_set():
             self.close_reason = reason
             self.closed.set()
+
+    def abort(self) -> None:
+        """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
+        publishes the relay has already given up on (they are spooled and forwarded)."""
+        writer = self.transport.writer if self.transport is not None else None
+        if writer is not None:
+            writer.transport.abort()
+
+    def suspect(self, now: float, after: float) -> bool:
+        """True when the oldest unconfirmed publish went out more than ``after`` seconds ago
+        and nothing at all has come back from the broker since."""
+        oldest = next(iter(self.inflight.values()), None)
+        return oldest is not None and now - oldest > after and self.last_reply < oldest
+
+
+class _RecordingTransport(TransportFactory):
+    """aiormq's own TCP or TLS transport factory, keeping the stream writer so that a dead
+    link can be reset (aiormq's public ``transport_factory`` hook)."""
+
+    def __init__(self, tls: bool) -> None:
+        self._inner: TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, self.writer = await self._inner.create(url, **kwargs)
+        return reader, self.writer
 
 
 def _is_blocked(connection: aiormq.abc.AbstractConnection) -> bool:
@@ -165,13 +198,24 @@ class Publisher:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, wait: float | None = None) -> None:
         """Connect (or start trying to). Raises TopologyError on a mismatch at the first
-        successful connection; returns after the first attempt, successful or not."""
+        successful connection; returns after the first attempt, successful or not.
+
+        wait: at most this many seconds for that first attempt (None: as long as it takes,
+        up to ``amqp.connect_timeout``). A broker that has not answered by then (a stalled
+        path) no longer holds up the start; a mismatch found later is logged, shown by
+        readiness, and retried like any other link failure.
+        """
         loop = asyncio.get_running_loop()
-        self._first_attempt = loop.create_future()
+        first = self._first_attempt = loop.create_future()
         self._supervisor = loop.create_task(self._supervise(), name="relay-broker-link")
-        await asyncio.shield(self._first_attempt)
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(first)
+        except TimeoutError:
+            first.cancel()
+            log.warning("broker.slow_start", broker=self.address, seconds=wait)
 
     async def close(self) -> None:
         """Stop reconnecting and close the link (after the caller's publishes finished)."""
@@ -206,8 +250,9 @@ class Publisher:
                 link = await self._connect()
             except TopologyError as exc:
                 self.last_error = str(exc)
-                if not ever_connected:
-                    self._settle_first_attempt(exc)
+                first = self._first_attempt
+                if not ever_connected and first is not None and not first.done():
+                    self._settle_first_attempt(exc)  # start() is waiting: stop the start
                     return
                 log.error("broker.topology_mismatch", error=str(exc))
             except ProbableAuthenticationError as exc:
@@ -272,6 +317,8 @@ class Publisher:
                 "version": __version__,
             },
         )
+        transport = _RecordingTransport(self._url.scheme == "amqps")
+        connection.kwargs["transport_factory"] = transport  # passed on to aiormq.connect
         try:
             await connection.connect(timeout=self.settings.connect_timeout)
             async with asyncio.timeout(self.settings.connect_timeout):
@@ -282,7 +329,7 @@ class Publisher:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 await connection.close()
             raise
-        link = _Link(connection, channel, underlay)
+        link = _Link(connection, channel, underlay, transport=transport)
 
         def on_close(_: object, exc: BaseException | None = None) -> None:
             link.mark_closed(_describe(exc) if exc else "closed")
@@ -351,6 +398,13 @@ class Publisher:
             ready.cancel()
             closed.cancel()
 
+    @property
+    def suspect(self) -> bool:
+        """True while the link looks stalled: a publish has waited over ``SUSPECT_AFTER``
+        seconds with nothing at all back from the broker since it went out."""
+        link = self._link
+        return link is not None and link.suspect(asyncio.get_running_loop().time(), SUSPECT_AFTER)
+
     def in_flight(self) -> int:
         """Publishes on the current link still waiting for their confirm."""
         link = self._link
@@ -375,8 +429,8 @@ class Publisher:
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
         task = loop.create_task(self._publish_confirmed(link, envelope))
-        link.inflight.add(task)
-        task.add_done_callback(link.inflight.discard)
+        link.inflight[task] = sent_at
+        task.add_done_callback(lambda t: link.inflight.pop(t, None))
         deadline = timeout or self.settings.publish_timeout
         done, _ = await asyncio.wait((task,), timeout=deadline)
         if not done:
@@ -386,6 +440,7 @@ class Publisher:
                 # (a stall without FIN or RST). Drop the link; the supervisor reconnects.
                 log.warning("broker.stalled", broker=self.address, seconds=deadline)
                 link.mark_closed(f"no answer from the broker within {deadline:g}s (stalled)")
+                link.abort()
             raise BrokerUnavailable("timeout", "no publisher confirm before the deadline", task)
         if task.cancelled():
             raise BrokerUnavailable("channel_closed", link.close_reason or "link closed")
