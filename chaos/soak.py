@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "chaos-token-" + uuid.uuid4().hex
 RETM_TIMEOUT = 10.0
 RETRIES = 3
-RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before each retry
+RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each retry (RETM does not document its own)
 RESTART_DELAY = 1.0  # seconds between a SIGKILL and the restart (systemd RestartSec)
 
 
@@ -249,7 +249,7 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
         "RELAY_AMQP_EXCHANGE": exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": unrouted,
         "RELAY_STATE_DIR": str(state),
-        "RELAY_LOG_LEVEL": "warning",
+        "RELAY_LOG_LEVEL": "info",
         "RELAY_LOG_FORMAT": "json",
     }
     connection = await aio_pika.connect(amqp_url)

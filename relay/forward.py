@@ -28,7 +28,7 @@ from relay.spool import Spool, SpooledEvent
 
 log = structlog.get_logger("relay.forward")
 
-FORWARD_WINDOW = 512  # spooled events published at once (one read, one delete per round)
+FORWARD_WINDOW = 256  # spooled events published at once (one read, one delete per round)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between rounds after a failed forward
 
 

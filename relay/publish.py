@@ -56,7 +56,7 @@ PERSISTENT = 2
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 #: seconds without any answer to an outstanding publish after which the link is suspect:
 #: new events go to the spool instead of joining the queue of unanswered publishes
-SUSPECT_AFTER = 1.0
+SUSPECT_AFTER = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,9 +435,10 @@ class Publisher:
         done, _ = await asyncio.wait((task,), timeout=deadline)
         if not done:
             task.add_done_callback(self._on_late_result)
-            if link.last_reply < sent_at:
-                # Nothing at all came back since this publish went out: the path is dead
-                # (a stall without FIN or RST). Drop the link; the supervisor reconnects.
+            if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
+                # Nothing at all came back since this publish went out, and the broker did not
+                # say it blocked us: the path is dead (a stall without FIN or RST). Reset the
+                # link; the supervisor reconnects.
                 log.warning("broker.stalled", broker=self.address, seconds=deadline)
                 link.mark_closed(f"no answer from the broker within {deadline:g}s (stalled)")
                 link.abort()
