@@ -167,7 +167,11 @@ async def _later(due: float, coro: object) -> None:
 
 
 async def faults(
-    proxy: FaultProxy, relay: RelayProcess, done: asyncio.Event, log: list[str]
+    proxy: FaultProxy,
+    relay: RelayProcess,
+    done: asyncio.Event,
+    log: list[str],
+    times: list[tuple[float, str]],
 ) -> None:
     """Cut, stall and kill in turn, every few seconds, until ``done``."""
     kinds = ["cut", "stall", "kill"]
@@ -180,6 +184,7 @@ async def faults(
             return
         kind = kinds[i % len(kinds)]
         i += 1
+        times.append((time.monotonic(), f"{kind} (start)"))
         if kind == "cut":
             proxy.cut()
             await asyncio.sleep(random.uniform(1, 3))
@@ -193,6 +198,7 @@ async def faults(
             await asyncio.sleep(RESTART_DELAY)
             await relay.start()
         log.append(kind)
+        times.append((time.monotonic(), kind))
 
 
 async def watch_spool(url: str, done: asyncio.Event, peak: list[int]) -> None:
@@ -260,6 +266,7 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
     relay = RelayProcess(environ, state / "relay.log")
     tally = Tally()
     fault_log: list[str] = []
+    fault_times: list[tuple[float, str]] = []
     peak = [0]
     done = asyncio.Event()
     started = time.monotonic()
@@ -270,7 +277,7 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
         await relay.start()
         await wait_drained(url, 30)
         background = [
-            asyncio.ensure_future(faults(proxy, relay, done, fault_log)),
+            asyncio.ensure_future(faults(proxy, relay, done, fault_log, fault_times)),
             asyncio.ensure_future(watch_spool(url, done, peak)),
         ]
         await sender(url + "/retm/events", run, count, rate, tally)
@@ -316,6 +323,15 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
         ("relay exit after SIGTERM", f"{code}"),
         ("duration", f"{elapsed:.0f} s"),
     ]  # fmt: skip
+    seen: set[str] = set()
+    copies_at = []
+    for mid, body in messages:
+        if mid in seen:
+            copies_at.append(started + 1 + orjson.loads(body)["n"] / rate)
+        seen.add(mid)
+    report = [f"{t - started:7.1f} s  {kind}" for t, kind in fault_times]
+    report += [f"{t - started:7.1f} s  copy sent about then" for t in sorted(copies_at)]
+    (state / "faults.txt").write_text("\n".join(sorted(report)) + "\n")
     width = max(len(k) for k, _ in rows)
     print(f"| {'':<{width}} | result |\n| {'-' * width} | ------ |")
     for key, value in rows:

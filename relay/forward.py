@@ -28,7 +28,11 @@ from relay.spool import Spool, SpooledEvent
 
 log = structlog.get_logger("relay.forward")
 
-FORWARD_WINDOW = 256  # spooled events published at once (one read, one delete per round)
+FORWARD_WINDOW = 128  # spooled events published at once (one read, one delete per round)
+#: direct publishes allowed in flight at once; beyond it new events are spooled (reason
+#: ``backlog``). It bounds what a dying link can leave unconfirmed (possible second copies)
+#: and the confirm latency a slow link can build up.
+MAX_DIRECT_IN_FLIGHT = 128
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between rounds after a failed forward
 
 
@@ -52,6 +56,8 @@ class StoreAndForward:
             reason = "disconnected"
         elif publisher.suspect:
             reason = "stalled"  # do not add to the publishes a silent link holds
+        elif publisher.in_flight() >= MAX_DIRECT_IN_FLIGHT:
+            reason = "backlog"
         else:
             try:
                 await publisher.publish(envelope)
