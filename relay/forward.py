@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
@@ -74,8 +75,12 @@ class StoreAndForward:
 
 class Forwarder:
     """Publishes spooled events to the broker, oldest first, and deletes each after its
-    confirm. ``start`` runs it in the background; ``stop`` lets the round in flight finish
-    (bounded by ``amqp.publish_timeout``) so that no confirmed event stays behind."""
+    confirm. A window of up to ``window`` publishes stays in flight: as confirms come back,
+    more rows are read and published, and the confirmed rows are deleted in groups.
+
+    ``start`` runs it in the background; ``stop`` lets the publishes in flight settle (bounded
+    by ``grace`` seconds) and deletes the confirmed ones, so no confirmed event stays behind.
+    """
 
     def __init__(
         self,
@@ -101,8 +106,8 @@ class Forwarder:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-forwarder")
 
     async def stop(self) -> None:
-        """Stop after the round in flight (its confirmed rows are deleted); the rest stays
-        spooled for the next start."""
+        """Stop taking rows, let the publishes in flight settle and delete the confirmed
+        ones; the rest stays spooled for the next start."""
         self._closing = True
         task, self._task = self._task, None
         if task is None:
@@ -130,49 +135,92 @@ class Forwarder:
                 await publisher.wait_unblocked()
                 continue
             spool.changed.clear()
-            rows = await spool.peek(self.window)
-            batch: list[SpooledEvent] = []
-            for row in rows:
-                if row.seq in spool.held:
-                    break  # its first publish may still be confirmed: keep the order
-                if row.seq not in spool.deleting:
-                    batch.append(row)
-            if not batch:
-                await spool.changed.wait()
-                continue
             self._idle.clear()
             try:
-                ok = await self.forward_batch(batch)
+                ok, moved = await self.drain()
             finally:
                 self._idle.set()
-            if ok:
-                delay = BACKOFF_MIN
-            else:  # a nack, a deadline or a closing link: back off before the next round
+            if not ok:  # a nack, a deadline or a closing link: back off before trying again
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_MIN
+            if not moved:  # nothing forwardable now (the head is held): wait for a change
+                await spool.changed.wait()
 
-    async def forward_batch(self, batch: list[SpooledEvent]) -> bool:
-        """Publish ``batch`` at once (in seq order, on one channel) and delete the rows that
-        were confirmed; True when all were. Used by the loop and by ``spool replay``."""
+    async def drain(
+        self, limit: int | None = None, progress: Callable[[int], None] | None = None
+    ) -> tuple[bool, int]:
+        """Forward spooled rows oldest first, up to ``window`` in flight, until nothing is
+        left to forward (or ``limit`` rows were confirmed). Returns (no publish failed, rows
+        confirmed). After the first failure no new row is published; the ones in flight
+        settle first. ``progress`` is called with the running count after each delete."""
         spool = self.spool
-        results = await asyncio.gather(*(self._publish(row) for row in batch))
-        confirmed = [row.seq for row, ok in zip(batch, results, strict=True) if ok]
-        if confirmed:
-            again = sum(1 for seq in confirmed if seq in spool.maybe_sent)
-            self.forwarded += len(confirmed)
-            self.redelivered += again
+        inflight: dict[asyncio.Task[bool], int] = {}
+        cursor = 0
+        exhausted = failed = False
+        confirmed: list[int] = []
+        moved = 0
+        deleting: asyncio.Task[None] | None = None
+
+        async def delete(seqs: list[int]) -> None:
             try:
-                await spool.delete(confirmed)
+                await spool.delete(seqs)
             except BrokerUnavailable as exc:
-                log.error("spool.delete_failed", error=str(exc), events=len(confirmed))
-                return False
-            log.info(
-                "spool.forwarded",
-                events=len(confirmed),
-                maybe_duplicates=again,
-                left=spool.depth,
-            )
-        return len(confirmed) == len(batch)
+                log.error("spool.delete_failed", error=str(exc), events=len(seqs))
+            if progress is not None:
+                progress(moved)
+
+        while True:
+            room = self.window - len(inflight)
+            batch = max(1, self.window // 4)  # read in groups, not one row per confirm
+            if limit is not None:
+                room = min(room, limit - moved - len(inflight))
+                batch = min(batch, max(1, room))
+            if not (failed or exhausted or self._closing) and room >= batch:
+                rows = await spool.peek(room, after=cursor)
+                exhausted = len(rows) < room
+                for row in rows:
+                    if row.seq in spool.held:
+                        exhausted = True  # its first publish may still be confirmed: wait
+                        break
+                    cursor = row.seq
+                    if row.seq not in spool.deleting:
+                        inflight[asyncio.ensure_future(self._publish(row))] = row.seq
+            if not inflight:
+                break
+            done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            now_confirmed = self._settle(done, inflight)
+            failed = failed or len(now_confirmed) < len(done)
+            confirmed += now_confirmed
+            moved += len(now_confirmed)
+            if confirmed and (deleting is None or deleting.done()):
+                deleting = asyncio.ensure_future(delete(confirmed))
+                confirmed = []
+            if spool.changed.is_set() and not failed:
+                spool.changed.clear()
+                exhausted = False  # new rows (or a released hold): read again
+        if deleting is not None:
+            await deleting
+        if confirmed:
+            await delete(confirmed)
+        if moved:
+            log.info("spool.forwarded", events=moved, left=spool.depth, failed=failed)
+        return not failed, moved
+
+    def _settle(
+        self, done: set[asyncio.Task[bool]], inflight: dict[asyncio.Task[bool], int]
+    ) -> list[int]:
+        """Take finished publishes out of ``inflight``; the seqs that were confirmed."""
+        confirmed = []
+        for task in done:
+            seq = inflight.pop(task)
+            if task.result():
+                confirmed.append(seq)
+                self.forwarded += 1
+                if seq in self.spool.maybe_sent:
+                    self.redelivered += 1
+        return confirmed
 
     async def _publish(self, row: SpooledEvent) -> bool:
         try:

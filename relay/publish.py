@@ -20,6 +20,7 @@ import contextlib
 import os
 import random
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +114,10 @@ class _Link:
         publishes the relay has already given up on (they are spooled and forwarded)."""
         writer = self.transport.writer if self.transport is not None else None
         if writer is not None:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # linger 0: close() sends RST and drops the unsent bytes
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
 
     def suspect(self, now: float, after: float) -> bool:

@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -271,6 +272,8 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="relay-spool-reader")
+        self._reader_conn: sqlite3.Connection | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -311,6 +314,7 @@ class Spool:
         self._queue.put(_STOP)
         await asyncio.shield(self._stopped)
         self._thread = None
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
         self._lock.release()
         self.opened.clear()
         log.info("spool.closed", events=self.depth, bytes=self.bytes)
@@ -437,12 +441,23 @@ class Spool:
         ):
             self._set_full(False)
 
-    async def peek(self, limit: int) -> list[SpooledEvent]:
-        """The oldest ``limit`` spooled events."""
-        result: list[SpooledEvent] = await self._submit(
-            lambda conn: read_events(conn, limit), "read"
-        )
-        return result
+    async def peek(self, limit: int, after: int = 0) -> list[SpooledEvent]:
+        """The oldest ``limit`` spooled events with ``seq > after``. Read on a reader thread
+        with its own connection (WAL lets it read while the writer commits), so reads never
+        wait behind an fsync."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._reader, self._read, limit, after)
+
+    def _read(self, limit: int, after: int) -> list[SpooledEvent]:
+        conn = self._reader_conn
+        if conn is None:
+            conn = self._reader_conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=5
+            )
+        try:
+            return read_events(conn, limit, after)
+        except sqlite3.Error as exc:
+            raise BrokerUnavailable("spool_error", f"the spool read failed: {exc}") from None
 
     def remember_key(self, digest: bytes, expiry: int) -> None:
         """Persist a delivered dedup key (the MemoryDedupStore ``on_commit`` hook); committed
@@ -487,6 +502,11 @@ class Spool:
                 f"(spool.max_events {self.max_events}, spool.max_bytes {self.max_bytes})"
             )
         return None
+
+    def _close_reader(self) -> None:
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
 
     def _set_full(self, full: bool) -> None:
         if full == self.full:

@@ -200,23 +200,22 @@ async def _replay(settings: Settings, path: Path, limit: int | None) -> int:
         if not publisher.connected.is_set():
             return _fail(f"cannot reach the broker at {publisher.address}: {publisher.last_error}")
         total = spool.depth if limit is None else min(limit, spool.depth)
-        forwarder = Forwarder(spool, publisher)
-        started = last = time.monotonic()
-        done = 0
-        while done < total:
-            rows = await spool.peek(min(forwarder.window, total - done))
-            ok = await forwarder.forward_batch(rows)
-            done = forwarder.forwarded
+        started = time.monotonic()
+        last = [started]
+
+        def report(done: int) -> None:
             now = time.monotonic()
-            if now - last >= PROGRESS_EVERY or done >= total or not ok:
-                last = now
+            if now - last[0] >= PROGRESS_EVERY or done >= total:
+                last[0] = now
                 rate = done / max(now - started, 1e-6)
                 sys.stderr.write(f"replayed {done}/{total} events ({rate:.0f}/s)\n")
-            if not ok:
-                return _fail(
-                    f"the broker did not confirm every event ({publisher.last_error or 'nack'}); "
-                    f"{spool.depth} events stay in the spool"
-                )
+
+        ok, done = await Forwarder(spool, publisher).drain(total, report)
+        if not ok:
+            return _fail(
+                f"the broker did not confirm every event ({publisher.last_error or 'nack'}); "
+                f"{spool.depth} events stay in the spool"
+            )
         sys.stdout.write(f"replayed {done} events; {spool.depth} left in {path}\n")
         return EXIT_OK
     finally:
