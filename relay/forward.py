@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -29,7 +30,7 @@ from relay.spool import Spool, SpooledEvent
 
 log = structlog.get_logger("relay.forward")
 
-FORWARD_WINDOW = 128  # spooled events published at once (one read, one delete per round)
+FORWARD_WINDOW = 64  # spooled events published at once (one read, one delete per round)
 #: direct publishes allowed in flight at once; beyond it new events are spooled (reason
 #: ``backlog``). It bounds what a dying link can leave unconfirmed (possible second copies)
 #: and the confirm latency a slow link can build up.
@@ -71,6 +72,20 @@ class StoreAndForward:
             spool.maybe_sent.add(seq)
         self.metrics.spooled(reason)
         return "spooled"
+
+
+@dataclass(slots=True)
+class _Drain:
+    """The state of one ``Forwarder.drain``."""
+
+    limit: int | None
+    inflight: dict[asyncio.Task[bool], int] = field(default_factory=dict)
+    finished: asyncio.Queue[asyncio.Task[bool]] = field(default_factory=asyncio.Queue)
+    cursor: int = 0
+    moved: int = 0
+    confirmed: list[int] = field(default_factory=list)
+    exhausted: bool = False
+    failed: bool = False
 
 
 class Forwarder:
@@ -156,14 +171,10 @@ class Forwarder:
         confirmed). After the first failure no new row is published; the ones in flight
         settle first. ``progress`` is called with the running count after each delete."""
         spool = self.spool
-        inflight: dict[asyncio.Task[bool], int] = {}
-        cursor = 0
-        exhausted = failed = False
-        confirmed: list[int] = []
-        moved = 0
+        run = _Drain(limit)
         deleting: asyncio.Task[None] | None = None
 
-        async def delete(seqs: list[int]) -> None:
+        async def delete(seqs: list[int], moved: int) -> None:
             try:
                 await spool.delete(seqs)
             except BrokerUnavailable as exc:
@@ -172,41 +183,53 @@ class Forwarder:
                 progress(moved)
 
         while True:
-            room = self.window - len(inflight)
-            batch = max(1, self.window // 4)  # read in groups, not one row per confirm
-            if limit is not None:
-                room = min(room, limit - moved - len(inflight))
-                batch = min(batch, max(1, room))
-            if not (failed or exhausted or self._closing) and room >= batch:
-                rows = await spool.peek(room, after=cursor)
-                exhausted = len(rows) < room
-                for row in rows:
-                    if row.seq in spool.held:
-                        exhausted = True  # its first publish may still be confirmed: wait
-                        break
-                    cursor = row.seq
-                    if row.seq not in spool.deleting:
-                        inflight[asyncio.ensure_future(self._publish(row))] = row.seq
-            if not inflight:
+            if not (run.failed or run.exhausted or self._closing):
+                await self._fill(run)
+            if not run.inflight:
                 break
-            done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            now_confirmed = self._settle(done, inflight)
-            failed = failed or len(now_confirmed) < len(done)
-            confirmed += now_confirmed
-            moved += len(now_confirmed)
-            if confirmed and (deleting is None or deleting.done()):
-                deleting = asyncio.ensure_future(delete(confirmed))
-                confirmed = []
-            if spool.changed.is_set() and not failed:
+            done = {await run.finished.get()}
+            while not run.finished.empty():
+                done.add(run.finished.get_nowait())
+            confirmed = self._settle(done, run.inflight)
+            run.failed = run.failed or len(confirmed) < len(done)
+            run.confirmed += confirmed
+            run.moved += len(confirmed)
+            if run.confirmed and (deleting is None or deleting.done()):
+                deleting = asyncio.ensure_future(delete(run.confirmed, run.moved))
+                run.confirmed = []
+            if spool.changed.is_set() and not run.failed:
                 spool.changed.clear()
-                exhausted = False  # new rows (or a released hold): read again
+                run.exhausted = False  # new rows (or a released hold): read again
         if deleting is not None:
             await deleting
-        if confirmed:
-            await delete(confirmed)
-        if moved:
-            log.info("spool.forwarded", events=moved, left=spool.depth, failed=failed)
-        return not failed, moved
+        if run.confirmed:
+            await delete(run.confirmed, run.moved)
+        if run.moved:
+            log.info("spool.forwarded", events=run.moved, left=spool.depth, failed=run.failed)
+        return not run.failed, run.moved
+
+    async def _fill(self, run: _Drain) -> None:
+        """Read rows after the cursor and publish them, up to the window (in groups of a
+        quarter window, not one read per confirm)."""
+        spool = self.spool
+        room = self.window - len(run.inflight)
+        batch = max(1, self.window // 4)
+        if run.limit is not None:
+            room = min(room, run.limit - run.moved - len(run.inflight))
+            batch = min(batch, max(1, room))
+        if room < batch:
+            return
+        rows = await spool.peek(room, after=run.cursor)
+        run.exhausted = len(rows) < room
+        for row in rows:
+            if row.seq in spool.held:
+                run.exhausted = True  # its first publish may still be confirmed: wait
+                return
+            run.cursor = row.seq
+            if row.seq not in spool.deleting:
+                task = asyncio.ensure_future(self._publish(row))
+                task.add_done_callback(run.finished.put_nowait)
+                run.inflight[task] = row.seq
 
     def _settle(
         self, done: set[asyncio.Task[bool]], inflight: dict[asyncio.Task[bool], int]

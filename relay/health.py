@@ -67,8 +67,11 @@ class Health:
         ready, checks = self.readiness()
         m = self.metrics
         now = time.time()
+        failing = {name for name, reason in checks.items() if reason != "ok"}
         result: dict[str, Any] = {
-            "status": "ready" if ready else "unready",
+            "status": "ready"
+            if ready
+            else ("degraded" if failing <= self._degrading else "unready"),
             "version": __version__,
             "uptime_seconds": round(now - self.started_at, 3),
             "checks": checks,

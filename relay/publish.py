@@ -95,7 +95,7 @@ class Envelope:
 class _Link:
     connection: aio_pika.abc.AbstractConnection
     channel: aio_pika.abc.AbstractChannel
-    underlay: aiormq.abc.AbstractChannel
+    underlay: aiormq.Channel
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     #: loop time of the broker's latest answer (confirm, nack, return) to a publish
@@ -330,6 +330,8 @@ class Publisher:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 await self.declare(channel)
                 underlay = await channel.get_underlay_channel()
+                if not isinstance(underlay, aiormq.Channel):  # for basic_publish(wait=False)
+                    raise TypeError(f"unexpected aiormq channel {type(underlay)!r}")
         except BaseException:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 await connection.close()
@@ -470,6 +472,7 @@ class Publisher:
                     routing_key=route.routing_key,
                     properties=properties,
                     mandatory=True,
+                    wait=False,  # the confirm is what counts; do not drain the socket per publish
                 )
             except PublishError:
                 link.last_reply = loop.time()
