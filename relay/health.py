@@ -59,19 +59,24 @@ class Health:
         if ready:
             return json_response({"status": "ready", "checks": checks})
         reasons = {name: reason for name, reason in checks.items() if reason != "ok"}
-        status = "degraded" if set(reasons) <= self._degrading else "unready"
-        return json_response({"status": status, "reasons": reasons, "checks": checks}, 503)
+        return json_response(
+            {"status": self._status(ready, checks), "reasons": reasons, "checks": checks}, 503
+        )
+
+    def _status(self, ready: bool, checks: dict[str, str]) -> str:
+        """``ready``; ``degraded`` when only degrading checks fail; else ``unready``."""
+        if ready:
+            return "ready"
+        failing = {name for name, reason in checks.items() if reason != "ok"}
+        return "degraded" if failing <= self._degrading else "unready"
 
     def details(self) -> dict[str, Any]:
         """Everything ``/health`` shows."""
         ready, checks = self.readiness()
         m = self.metrics
         now = time.time()
-        failing = {name for name, reason in checks.items() if reason != "ok"}
         result: dict[str, Any] = {
-            "status": "ready"
-            if ready
-            else ("degraded" if failing <= self._degrading else "unready"),
+            "status": self._status(ready, checks),
             "version": __version__,
             "uptime_seconds": round(now - self.started_at, 3),
             "checks": checks,

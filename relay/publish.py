@@ -330,8 +330,7 @@ class Publisher:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 await self.declare(channel)
                 underlay = await channel.get_underlay_channel()
-                if not isinstance(underlay, aiormq.Channel):  # for basic_publish(wait=False)
-                    raise TypeError(f"unexpected aiormq channel {type(underlay)!r}")
+                assert isinstance(underlay, aiormq.Channel)  # for basic_publish(wait=False)
         except BaseException:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 await connection.close()

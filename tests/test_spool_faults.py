@@ -9,8 +9,10 @@ import uuid
 
 import aio_pika
 import orjson
+import pytest
 
 from relay.app import DEDUP, FORWARDER, PUBLISHER, SPOOL
+from relay.service import StartupError
 from relay.spool import connect, read_stats
 from tests.conftest import (
     Broker,
@@ -270,3 +272,44 @@ async def test_graceful_stop_keeps_spooled_events_for_the_next_start(
     assert [m.body for m in await tap.take(3)] == sent
     assert (await second.event(sent[0])).body["status"] == "duplicate"
     await assert_only_sentinel_follows(second, tap)
+
+
+async def test_a_stalled_broker_does_not_hold_up_the_start(
+    start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
+) -> None:
+    """With the broker path stalled at start-up the relay still starts (it waits about a
+    second for the broker), says ``degraded``, spools what it gets, and forwards it once the
+    path is back."""
+    tap = await broker.tap(names.exchange)
+    fault_proxy.stall()
+    relay = await start_relay(
+        RELAY_AMQP_URL=proxy_url(fault_proxy),
+        RELAY_AMQP_CONNECT_TIMEOUT="3",
+        RELAY_AMQP_PUBLISH_TIMEOUT="1",
+    )
+    publisher, spool = relay.relay.app[PUBLISHER], relay.relay.app[SPOOL]
+    readiness = await relay.get("/readyz")
+    answer = await relay.event(body("slow-start", 1))
+    fault_proxy.restore()
+    await wait_for(publisher.connected.is_set, timeout=15, what="the link")
+    await wait_for(lambda: spool.depth == 0, what="the spool to drain")
+
+    assert readiness.status == 503
+    assert readiness.body["status"] == "degraded"
+    assert answer.status == 200
+    assert (await tap.get()).body == body("slow-start", 1)
+
+
+async def test_a_topology_mismatch_still_stops_the_start(
+    start_relay: StartRelay, broker: Broker, names: Names
+) -> None:
+    """An exchange that exists with another type stops the start with one clear error, spool
+    or not."""
+    assert broker.channel is not None
+    await broker.channel.declare_exchange(names.exchange, aio_pika.ExchangeType.FANOUT)
+    broker.forget_later(exchanges=(names.exchange,))
+
+    with pytest.raises(StartupError) as info:
+        await start_relay()
+
+    assert str(info.value).startswith(f"exchange {names.exchange!r} exists on the broker")
