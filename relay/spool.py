@@ -315,6 +315,7 @@ class Spool:
         await asyncio.shield(self._stopped)
         self._thread = None
         await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=False)
         self._lock.release()
         self.opened.clear()
         log.info("spool.closed", events=self.depth, bytes=self.bytes)
