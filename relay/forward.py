@@ -30,7 +30,8 @@ from relay.spool import Spool, SpooledEvent
 
 log = structlog.get_logger("relay.forward")
 
-FORWARD_WINDOW = 64  # spooled events published at once (one read, one delete per round)
+#: publishes of spooled events in flight at once (what a dying link can leave unconfirmed)
+FORWARD_WINDOW = 64
 #: direct publishes allowed in flight at once; beyond it new events are spooled (reason
 #: ``backlog``). It bounds what a dying link can leave unconfirmed (possible second copies)
 #: and the confirm latency a slow link can build up.
