@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= config/relay.example.toml
 
-.PHONY: run test lint format venv services browser tools bench clean
+.PHONY: run test lint format venv services browser tools bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: $(STAMP)
 	@bash deploy/scripts/ensure-services.sh rabbitmq redis wrk
 	@case " $(BENCH_ARGS) " in *" --profile "*) $(BIN)/python -m pip install -q py-spy ;; esac
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The chaos soak (chaos/soak.py): 20,000 RETM-like events while the broker link is cut and
+# stalled and the relay is killed with SIGKILL and restarted; prints the loss table.
+chaos: $(STAMP) services
+	$(BIN)/python -m chaos.soak $(CHAOS_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -1,8 +1,8 @@
 """retm-relay: RETM webhooks in, confirmed RabbitMQ publishes out.
 
 The package is one small module per stage of the pipeline: ``settings``, ``logs``, ``auth``,
-``ingest``, ``dedup``, ``routing``, ``publish``, ``health``, ``metrics``, ``app``, ``service`` and
-``systemd``. ``relay.cli`` is the command line.
+``ingest``, ``dedup``, ``routing``, ``publish``, ``spool``, ``forward``, ``health``, ``metrics``,
+``app``, ``service`` and ``systemd``. ``relay.cli`` is the command line.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import hdrs, web
 
@@ -16,14 +17,16 @@ from relay.access import Access
 from relay.auth import TokenAuthenticator
 from relay.dedup import DedupStore, MemoryDedupStore
 from relay.dedup_redis import RedisDedupStore, connect, redis_address
+from relay.forward import Forwarder, StoreAndForward
 from relay.health import Health
 from relay.ingest import Ingest, error_response
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
 from relay.settings import Settings
+from relay.spool import Spool
 from relay.status import StatusPage
-from relay.workers import WorkerInfo
+from relay.workers import WorkerInfo, state_name
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -38,6 +41,11 @@ REDIS_DEDUP = web.AppKey("redis_dedup", RedisDedupStore)
 #: local state that must not be shared with ``relay.workers.state_name(worker, "spool", ".db")``
 WORKER: web.AppKey[WorkerInfo | None] = web.AppKey("worker")
 ACCESS = web.AppKey("access", Access)
+SPOOL = web.AppKey("spool", Spool)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+#: seconds the start waits for the broker's first answer (a topology mismatch then stops the
+#: start); a broker still silent after that no longer holds it up: events are spooled
+BROKER_START_WAIT = 1.0
 
 
 @web.middleware
@@ -73,9 +81,11 @@ def make_app(
     """Build the relay's aiohttp application from ``settings``.
 
     clock: wall-clock seconds for the dedup TTL (injectable for tests).
-    worker: this process's place among ``http.workers`` (None: the relay is one process).
+    worker: this process's place among ``http.workers`` (None: the relay is one process); each
+    worker has a spool of its own in ``state.dir`` (``spool-<index>.db``).
     The broker link is opened by the app's start-up (``AppRunner.setup``), which raises
-    TopologyError when the broker's exchanges disagree with the settings.
+    TopologyError when the broker's exchanges disagree with the settings; the spool is opened
+    next (SpoolError when another process holds it).
     """
     metrics = Metrics()
     health = Health(metrics)
@@ -83,30 +93,30 @@ def make_app(
         settings.amqp.routing_key_template, settings.amqp.exchange, settings.amqp.exchanges
     )
     publisher = Publisher(settings.amqp, router, metrics)
+    spool_path = Path(settings.spool.file)
+    spool = Spool(
+        settings.state.dir / state_name(worker, spool_path.stem, spool_path.suffix),
+        max_bytes=settings.spool.max_bytes,
+        max_events=settings.spool.max_events,
+        dedup_ttl=settings.dedup.ttl,
+        dedup_max_entries=settings.dedup.max_entries,
+        on_write=metrics.spool_write,
+        clock=clock,
+    )
     dedup = MemoryDedupStore(
         settings.dedup.ttl,
         settings.dedup.max_entries,
         clock=clock,
         wait_timeout=settings.amqp.publish_timeout + 1,
+        on_commit=spool.remember_key,
     )
-    store: DedupStore = dedup
-    redis_dedup: RedisDedupStore | None = None
-    if settings.dedup.backend == "redis":
-        store = redis_dedup = RedisDedupStore(
-            connect(settings.dedup.redis_url.value, settings.dedup.redis_timeout),
-            dedup,
-            ttl=settings.dedup.ttl,
-            # outlives the slowest delivery, so a claim lapses only when its owner is gone
-            lease=settings.amqp.publish_timeout + 2,
-            wait_timeout=settings.amqp.publish_timeout + 1,
-            prefix=settings.dedup.redis_prefix,
-            on_store_failure=settings.dedup.on_store_failure,
-            address=redis_address(settings.dedup.redis_url.value),
-        )
+    redis_dedup = _redis_store(settings, dedup)
+    store: DedupStore = dedup if redis_dedup is None else redis_dedup  # (a store has __len__)
 
-    async def deliver(envelope: Envelope) -> str:
-        await publisher.publish(envelope)
-        return "accepted"
+    forwarder = Forwarder(spool, publisher, grace=settings.amqp.publish_timeout + 1)
+    deliver: Callable[[Envelope], Awaitable[str]] = StoreAndForward(
+        publisher, spool, metrics
+    ).deliver
 
     ingest = Ingest(
         authenticator=TokenAuthenticator(settings.auth.tokens),
@@ -129,6 +139,8 @@ def make_app(
     app[INGEST] = ingest
     app[WORKER] = worker
     app[ACCESS] = access
+    app[SPOOL] = spool
+    app[FORWARDER] = forwarder
 
     app.router.add_post(
         settings.http.events_path,
@@ -146,14 +158,53 @@ def make_app(
     app.router.add_get("/metrics", health.metrics_handler)
     app.router.add_get("/", StatusPage().handler)
 
-    health.add_check(
-        "broker",
-        lambda: (
-            None
-            if publisher.connected.is_set()
-            else f"broker link down: {publisher.last_error or 'connecting'}"
-        ),
+    _watch_core(app)
+    _spool_metrics(metrics, spool, forwarder)
+    app.cleanup_ctx.append(_broker_link)
+    app.cleanup_ctx.append(_spool)
+    if redis_dedup is not None:
+        app[REDIS_DEDUP] = redis_dedup
+        _watch_redis(health, metrics, redis_dedup)
+        app.cleanup_ctx.append(_redis_link)
+    return app
+
+
+def _redis_store(settings: Settings, local: MemoryDedupStore) -> RedisDedupStore | None:
+    """The shared Redis dedup store when ``dedup.backend = "redis"``, with ``local`` as its
+    fallback; None for the memory backend."""
+    if settings.dedup.backend != "redis":
+        return None
+    return RedisDedupStore(
+        connect(settings.dedup.redis_url.value, settings.dedup.redis_timeout),
+        local,
+        ttl=settings.dedup.ttl,
+        # outlives the slowest delivery, so a claim lapses only when its owner is gone
+        lease=settings.amqp.publish_timeout + 2,
+        wait_timeout=settings.amqp.publish_timeout + 1,
+        prefix=settings.dedup.redis_prefix,
+        on_store_failure=settings.dedup.on_store_failure,
+        address=redis_address(settings.dedup.redis_url.value),
     )
+
+
+def _watch_core(app: web.Application) -> None:
+    """Readiness checks, ``/health`` sections and scrape-time metrics of the broker link, the
+    spool and the memory dedup store."""
+    health, metrics = app[HEALTH], app[METRICS]
+    publisher, spool, dedup, ingest = app[PUBLISHER], app[SPOOL], app[DEDUP], app[INGEST]
+
+    def broker_check() -> str | None:
+        if not publisher.connected.is_set():
+            reason = f"broker link down: {publisher.last_error or 'connecting'}"
+        elif publisher.blocked:
+            reason = "the broker blocked the connection (memory or disk alarm)"
+        else:
+            return None
+        return f"{reason}; events are spooled" if spool.opened.is_set() else reason
+
+    health.add_check("broker", broker_check, degrades=True)
+    health.add_check("spool", spool.readiness)
+    health.add_detail("spool", spool.status)
     health.add_detail("broker", publisher.status)
     health.add_detail(
         "dedup",
@@ -167,6 +218,7 @@ def make_app(
         },
     )
     health.add_detail("last_retm_error", lambda: ingest.last_retm_error)
+    worker = app[WORKER]
     if worker is not None:
         health.add_detail("worker", worker.status)
     metrics.gauge_callback(
@@ -188,13 +240,6 @@ def make_app(
         "Delivered keys evicted before their TTL (max_entries reached).",
         lambda: dedup.evictions,
     )
-
-    app.cleanup_ctx.append(_broker_link)
-    if redis_dedup is not None:
-        app[REDIS_DEDUP] = redis_dedup
-        _watch_redis(health, metrics, redis_dedup)
-        app.cleanup_ctx.append(_redis_link)
-    return app
 
 
 def _watch_redis(health: Health, metrics: Metrics, store: RedisDedupStore) -> None:
@@ -219,11 +264,61 @@ def _watch_redis(health: Health, metrics: Metrics, store: RedisDedupStore) -> No
     )
 
 
+def _spool_metrics(metrics: Metrics, spool: Spool, forwarder: Forwarder) -> None:
+    metrics.gauge_callback("relay_spool_events", "Events in the spool.", lambda: spool.depth)
+    metrics.gauge_callback(
+        "relay_spool_bytes",
+        "Bytes in the spool (counted as spool.max_bytes counts).",
+        lambda: spool.bytes,
+    )
+    metrics.gauge_callback(
+        "relay_spool_oldest_age_seconds",
+        "Age of the oldest spooled event (0 when the spool is empty).",
+        spool.oldest_age,
+    )
+    metrics.gauge_callback(
+        "relay_spool_full",
+        "1 while the spool is full and webhooks answer 503.",
+        lambda: 1 if spool.full else 0,
+    )
+    metrics.counter_callback(
+        "relay_spool_forwarded",
+        "Spooled events published and confirmed by the forwarder.",
+        lambda: forwarder.forwarded,
+    )
+    metrics.counter_callback(
+        "relay_spool_redelivered",
+        "Forwarded events whose earlier publish had been left unconfirmed by a lost link: "
+        "each may reach consumers twice, with the same message_id.",
+        lambda: forwarder.redelivered,
+    )
+    metrics.counter_callback(
+        "relay_spool_late_confirms",
+        "Spooled events deleted unforwarded because their timed-out publish was confirmed.",
+        lambda: spool.late_confirms,
+    )
+
+
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
-    await publisher.start()
+    await publisher.start(wait=BROKER_START_WAIT)
     yield
     await publisher.close()
+
+
+async def _spool(app: web.Application) -> AsyncIterator[None]:
+    """Open the spool (restoring persisted dedup keys) and forward from it; on the way out,
+    let the forwarder finish its round, then close the file. Spooled events stay for the next
+    start."""
+    spool, forwarder = app[SPOOL], app[FORWARDER]
+    keys = await spool.open()
+    app[DEDUP].restore(keys)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        await forwarder.stop()
+        await spool.close()
 
 
 async def _redis_link(app: web.Application) -> AsyncIterator[None]:

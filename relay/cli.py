@@ -17,6 +17,7 @@ import orjson
 from relay import __version__
 from relay.errors import ConfigError
 from relay.settings import Settings, describe, load_settings, resolve_config_path
+from relay.spool_cli import add_spool_commands
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only check that everything exists (as amqp.passive does), declare nothing",
     )
+    add_spool_commands(add, common)
     return parser
 
 

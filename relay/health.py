@@ -28,11 +28,17 @@ class Health:
         self.metrics = metrics
         self.started_at = time.time()
         self._checks: dict[str, Check] = {}
+        self._degrading: set[str] = set()
         self._details: dict[str, Callable[[], Any]] = {}
 
-    def add_check(self, name: str, check: Check) -> None:
-        """Register readiness check ``name``: returns None when ready, else the reason."""
+    def add_check(self, name: str, check: Check, *, degrades: bool = False) -> None:
+        """Register readiness check ``name``: returns None when ready, else the reason.
+        ``degrades``: a failure of this check alone leaves the relay working in a degraded
+        mode (events are still made durable, in the spool): readiness answers 503
+        ``degraded`` instead of ``unready``."""
         self._checks[name] = check
+        if degrades:
+            self._degrading.add(name)
 
     def add_detail(self, name: str, provider: Callable[[], Any]) -> None:
         """Register a section of ``/health``."""
@@ -53,7 +59,16 @@ class Health:
         if ready:
             return json_response({"status": "ready", "checks": checks})
         reasons = {name: reason for name, reason in checks.items() if reason != "ok"}
-        return json_response({"status": "unready", "reasons": reasons, "checks": checks}, 503)
+        return json_response(
+            {"status": self._status(ready, checks), "reasons": reasons, "checks": checks}, 503
+        )
+
+    def _status(self, ready: bool, checks: dict[str, str]) -> str:
+        """``ready``; ``degraded`` when only degrading checks fail; else ``unready``."""
+        if ready:
+            return "ready"
+        failing = {name for name, reason in checks.items() if reason != "ok"}
+        return "degraded" if failing <= self._degrading else "unready"
 
     def details(self) -> dict[str, Any]:
         """Everything ``/health`` shows. ``events_per_minute``: events published in the last
@@ -62,7 +77,7 @@ class Health:
         m = self.metrics
         now = time.time()
         result: dict[str, Any] = {
-            "status": "ready" if ready else "unready",
+            "status": self._status(ready, checks),
             "version": __version__,
             "uptime_seconds": round(now - self.started_at, 3),
             "checks": checks,

@@ -99,6 +99,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._spooled = Counter(
+            "relay_spooled",
+            "Events written to the spool instead of being confirmed at once, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._spool_write_seconds = Histogram(
+            "relay_spool_write_seconds",
+            "Time to make one event durable in the spool (queue, group commit, fsync).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._broker_connected = Gauge(
             "relay_broker_connected", "1 while the broker link and topology are up.", registry=r
         )
@@ -196,6 +208,15 @@ class Metrics:
         """A publisher confirm arrived after its deadline."""
         self._late_confirms.inc()
         self.counts["late_confirms"] += 1
+
+    def spooled(self, reason: str) -> None:
+        """An event was spooled because of ``reason`` (``disconnected``, ``timeout``,
+        ``nacked``, ``blocked``, ``queued`` behind spooled events ...)."""
+        self._child(self._spooled, reason).inc()
+
+    def spool_write(self, seconds: float) -> None:
+        """One spooled event became durable ``seconds`` after it was handed to the spool."""
+        self._spool_write_seconds.observe(seconds)
 
     def in_flight(self, delta: int) -> None:
         """Requests being handled changed by ``delta``."""

@@ -20,6 +20,7 @@ import contextlib
 import os
 import random
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from aiormq.exceptions import (
     AMQPError,
     ChannelNotFoundEntity,
@@ -53,6 +55,9 @@ APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+#: seconds without any answer to an outstanding publish after which the link is suspect:
+#: new events go to the spool instead of joining the queue of unanswered publishes
+SUSPECT_AFTER = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +95,71 @@ class Envelope:
 class _Link:
     connection: aio_pika.abc.AbstractConnection
     channel: aio_pika.abc.AbstractChannel
-    underlay: aiormq.abc.AbstractChannel
+    underlay: aiormq.Channel
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    #: loop time of the broker's latest answer (confirm, nack, return) to a publish
+    last_reply: float = 0.0
+    #: publishes on this link still waiting for their confirm -> loop time they were sent
+    inflight: dict[asyncio.Task[bool], float] = field(default_factory=dict)
+    transport: _RecordingTransport | None = None
+
+    def mark_closed(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+
+    def abort(self) -> None:
+        """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
+        publishes the relay has already given up on (they are spooled and forwarded)."""
+        writer = self.transport.writer if self.transport is not None else None
+        if writer is not None:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # linger 0: close() sends RST and drops the unsent bytes
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+    def suspect(self, now: float, after: float) -> bool:
+        """True when the oldest unconfirmed publish went out more than ``after`` seconds ago
+        and nothing at all has come back from the broker since."""
+        oldest = next(iter(self.inflight.values()), None)
+        return oldest is not None and now - oldest > after and self.last_reply < oldest
+
+
+class _RecordingTransport(TransportFactory):
+    """aiormq's own TCP or TLS transport factory, keeping the stream writer so that a dead
+    link can be reset (aiormq's public ``transport_factory`` hook)."""
+
+    def __init__(self, tls: bool) -> None:
+        self._inner: TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, self.writer = await self._inner.create(url, **kwargs)
+        return reader, self.writer
+
+
+def _is_blocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """Whether the broker has blocked ``connection`` (``connection.blocked``: a memory or disk
+    alarm; RabbitMQ then stops reading the socket, so no publish would be confirmed).
+
+    aiormq keeps that state in a private Event and exposes it only through the public
+    coroutine ``ready()``, which returns at once unless the connection is blocked (or not yet
+    open). Rather than reach into the private attribute, step that coroutine once: it either
+    finishes (not blocked) or suspends on the Event (blocked); closing it at once removes its
+    waiter again, so nothing is left behind.
+    """
+    waiter = connection.ready()
+    try:
+        waiter.send(None)
+    except StopIteration:
+        return False
+    finally:
+        waiter.close()
+    return True
 
 
 def _url_with_heartbeat(url: str, heartbeat: int) -> URL:
@@ -103,11 +170,12 @@ def _url_with_heartbeat(url: str, heartbeat: int) -> URL:
 
 
 def broker_address(url: str) -> str:
-    """``host:port/vhost`` of an AMQP URL, without credentials (safe to log)."""
+    """``host:port`` of an AMQP URL, with ``/vhost`` unless it is the default vhost ``/``;
+    without credentials (safe to log)."""
     parsed = URL(url)
     vhost = parsed.path[1:] if len(parsed.path) > 1 else "/"
     port = parsed.port or (5671 if parsed.scheme == "amqps" else 5672)
-    return f"{parsed.host}:{port}/{vhost}"
+    return f"{parsed.host}:{port}" if vhost == "/" else f"{parsed.host}:{port}/{vhost}"
 
 
 class Publisher:
@@ -136,13 +204,24 @@ class Publisher:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, wait: float | None = None) -> None:
         """Connect (or start trying to). Raises TopologyError on a mismatch at the first
-        successful connection; returns after the first attempt, successful or not."""
+        successful connection; returns after the first attempt, successful or not.
+
+        wait: at most this many seconds for that first attempt (None: as long as it takes,
+        up to ``amqp.connect_timeout``). A broker that has not answered by then (a stalled
+        path) no longer holds up the start; a mismatch found later is logged, shown by
+        readiness, and retried like any other link failure.
+        """
         loop = asyncio.get_running_loop()
-        self._first_attempt = loop.create_future()
+        first = self._first_attempt = loop.create_future()
         self._supervisor = loop.create_task(self._supervise(), name="relay-broker-link")
-        await asyncio.shield(self._first_attempt)
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(first)
+        except TimeoutError:
+            first.cancel()
+            log.warning("broker.slow_start", broker=self.address, seconds=wait)
 
     async def close(self) -> None:
         """Stop reconnecting and close the link (after the caller's publishes finished)."""
@@ -177,8 +256,9 @@ class Publisher:
                 link = await self._connect()
             except TopologyError as exc:
                 self.last_error = str(exc)
-                if not ever_connected:
-                    self._settle_first_attempt(exc)
+                first = self._first_attempt
+                if not ever_connected and first is not None and not first.done():
+                    self._settle_first_attempt(exc)  # start() is waiting: stop the start
                     return
                 log.error("broker.topology_mismatch", error=str(exc))
             except ProbableAuthenticationError as exc:
@@ -212,6 +292,10 @@ class Publisher:
             self.connected.clear()
             self.connected_since = None
             self.metrics.broker_connected(False)
+            # A dead link's confirms will never come: fail its publishes now rather than
+            # leave their waiters to aiormq's close, which a stalled socket can hold up.
+            for task in list(link.inflight):
+                task.cancel()
         self.reconnects += 1
         self.last_error = link.close_reason or "connection closed"
         if not self._closing:
@@ -229,30 +313,33 @@ class Publisher:
                 fut.set_exception(exc)
 
     async def _connect(self) -> _Link:
-        connection = await aio_pika.connect(
+        # aio_pika.connect() would leave a failed Connection for the garbage collector, whose
+        # __del__ schedules a close() that may never run; build it here and close it instead.
+        connection = aio_pika.Connection(
             self._url,
-            timeout=self.settings.connect_timeout,
             client_properties={
                 "connection_name": f"retm-relay {socket.gethostname()} pid {os.getpid()}",
                 "product": "retm-relay",
                 "version": __version__,
             },
         )
+        transport = _RecordingTransport(self._url.scheme == "amqps")
+        connection.kwargs["transport_factory"] = transport  # passed on to aiormq.connect
         try:
+            await connection.connect(timeout=self.settings.connect_timeout)
             async with asyncio.timeout(self.settings.connect_timeout):
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 await self.declare(channel)
                 underlay = await channel.get_underlay_channel()
+                assert isinstance(underlay, aiormq.Channel)  # for basic_publish(wait=False)
         except BaseException:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 await connection.close()
             raise
-        link = _Link(connection, channel, underlay)
+        link = _Link(connection, channel, underlay, transport=transport)
 
         def on_close(_: object, exc: BaseException | None = None) -> None:
-            if not link.closed.is_set():
-                link.close_reason = _describe(exc) if exc else "closed"
-                link.closed.set()
+            link.mark_closed(_describe(exc) if exc else "closed")
 
         connection.close_callbacks.add(on_close)
         channel.close_callbacks.add(on_close)
@@ -298,6 +385,38 @@ class Publisher:
 
     # -- publishing ------------------------------------------------------------------------
 
+    @property
+    def blocked(self) -> bool:
+        """True while the broker blocks the link (``connection.blocked``: memory or disk
+        alarm); publishes then fail at once with BrokerUnavailable("blocked")."""
+        link = self._link
+        return link is not None and _is_blocked(link.underlay.connection)
+
+    async def wait_unblocked(self) -> None:
+        """Return once the link is unblocked, or gone (check ``connected`` afterwards)."""
+        link = self._link
+        if link is None:
+            return
+        ready = asyncio.ensure_future(link.underlay.connection.ready())
+        closed = asyncio.ensure_future(link.closed.wait())
+        try:
+            await asyncio.wait((ready, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            closed.cancel()
+
+    @property
+    def suspect(self) -> bool:
+        """True while the link looks stalled: a publish has waited over ``SUSPECT_AFTER``
+        seconds with nothing at all back from the broker since it went out."""
+        link = self._link
+        return link is not None and link.suspect(asyncio.get_running_loop().time(), SUSPECT_AFTER)
+
+    def in_flight(self) -> int:
+        """Publishes on the current link still waiting for their confirm."""
+        link = self._link
+        return len(link.inflight) if link is not None else 0
+
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
         False when it was unroutable and confirmed on the unrouted exchange instead.
@@ -311,12 +430,28 @@ class Publisher:
         link = self._link
         if link is None:
             raise BrokerUnavailable("disconnected", self.last_error)
+        if _is_blocked(link.underlay.connection):
+            raise BrokerUnavailable("blocked", "the broker blocked the connection (an alarm)")
         started = time.perf_counter()
-        task = asyncio.get_running_loop().create_task(self._publish_confirmed(link, envelope))
-        done, _ = await asyncio.wait((task,), timeout=timeout or self.settings.publish_timeout)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        task = loop.create_task(self._publish_confirmed(link, envelope))
+        link.inflight[task] = sent_at
+        task.add_done_callback(lambda t: link.inflight.pop(t, None))
+        deadline = timeout or self.settings.publish_timeout
+        done, _ = await asyncio.wait((task,), timeout=deadline)
         if not done:
             task.add_done_callback(self._on_late_result)
+            if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
+                # Nothing at all came back since this publish went out, and the broker did not
+                # say it blocked us: the path is dead (a stall without FIN or RST). Reset the
+                # link; the supervisor reconnects.
+                log.warning("broker.stalled", broker=self.address, seconds=deadline)
+                link.mark_closed(f"no answer from the broker within {deadline:g}s (stalled)")
+                link.abort()
             raise BrokerUnavailable("timeout", "no publisher confirm before the deadline", task)
+        if task.cancelled():
+            raise BrokerUnavailable("channel_closed", link.close_reason or "link closed")
         routed = task.result()
         self.metrics.published(envelope.event, time.perf_counter() - started)
         return routed
@@ -328,6 +463,7 @@ class Publisher:
     async def _publish_confirmed(self, link: _Link, envelope: Envelope) -> bool:
         route = envelope.route
         properties = envelope.properties()
+        loop = asyncio.get_running_loop()
         try:
             try:
                 await link.underlay.basic_publish(
@@ -336,10 +472,15 @@ class Publisher:
                     routing_key=route.routing_key,
                     properties=properties,
                     mandatory=True,
+                    wait=False,  # the confirm is what counts; do not drain the socket per publish
                 )
             except PublishError:
-                pass
+                link.last_reply = loop.time()
+            except DeliveryError:
+                link.last_reply = loop.time()
+                raise
             else:
+                link.last_reply = loop.time()
                 return True
             self.metrics.unroutable()
             log.info(

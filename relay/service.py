@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from relay import __version__
-from relay.app import HEALTH, METRICS, PUBLISHER, make_app
+from relay.app import HEALTH, METRICS, SPOOL, make_app
 from relay.errors import ConfigError, RelayError
 from relay.settings import Settings
 from relay.systemd import Notifier
@@ -141,8 +141,9 @@ class Relay:
         self.certificates.reload()
 
     async def wait_durable(self) -> None:
-        """Return once the relay can make events durable (the broker link and topology up)."""
-        await self.app[PUBLISHER].connected.wait()
+        """Return once the relay can make events durable: the spool is open (the broker may
+        still be away; events are then spooled and forwarded once it is back)."""
+        await self.app[SPOOL].opened.wait()
 
     async def stop(self) -> None:
         """Stop listening, finish the requests in flight, release resources (broker last)."""

@@ -144,6 +144,21 @@ class StateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    """The local spool (store and forward) in ``state.dir``: events the broker could not confirm
+    in time are written and fsynced there before the 2xx, and forwarded once it is back.
+
+    ``file``: the SQLite file's name inside ``state.dir`` (one per relay process).
+    ``max_bytes``, ``max_events``: when either is reached, webhooks answer 503 and readiness
+    fails until the forwarder has drained the spool below 90 % of both.
+    """
+
+    file: str = "spool.db"
+    max_bytes: int = 1_073_741_824
+    max_events: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """Log level and format: ``auto`` is JSON lines unless stdout is a terminal."""
 
@@ -184,6 +199,7 @@ class Settings:
     amqp: AmqpSettings = field(default_factory=AmqpSettings)
     dedup: DedupSettings = field(default_factory=DedupSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
     consumers: ConsumerSettings = field(default_factory=ConsumerSettings)
     source: str = "defaults"
@@ -551,6 +567,17 @@ def validate(s: Settings) -> None:
         "must be 1-100 characters without spaces",
     )
     _check(0 < s.dedup.redis_timeout <= 5, "dedup.redis_timeout", "must be in (0, 5] seconds")
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", s.spool.file)) and s.spool.file[0] != ".",
+        "spool.file",
+        "must be a file name (letters, digits, '_.-'), not a path",
+    )
+    _check(
+        s.spool.max_bytes >= s.http.max_body_bytes + 65536,
+        "spool.max_bytes",
+        "must be at least http.max_body_bytes + 65536 (room for the largest event)",
+    )
+    _check(s.spool.max_events >= 1, "spool.max_events", "must be at least 1")
     _validate_consumers(s)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.app import PUBLISHER
+from relay.app import PUBLISHER, SPOOL
 from tests.conftest import (
     Broker,
     Names,
@@ -87,27 +87,32 @@ async def test_body_without_reference_is_keyed_by_its_hash(
     assert [m.body for m in await tap.take(2)] == [one, two]
 
 
-async def test_retry_after_broker_failure_is_published(
+async def test_retry_after_a_503_is_published(
     start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
 ) -> None:
-    """A first attempt that failed (broker away, 503) does not block the retry: once the broker
-    is back, the same body is published and answered accepted."""
-    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy))
+    """A first attempt that failed (broker away and the spool full: 503) does not block the
+    retry: once the broker is back and the spool drained, the same body is published and
+    answered accepted."""
+    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy), RELAY_SPOOL_MAX_EVENTS="1")
     tap = await broker.tap(names.exchange)
+    filler = b'{"event":"order.created","reference":"filler"}'
     raw = fixture_bytes("order.refunded.json")
     publisher = relay.relay.app[PUBLISHER]
+    spool = relay.relay.app[SPOOL]
 
     fault_proxy.cut()
     await wait_for(lambda: not publisher.connected.is_set(), what="the link to drop")
+    spooled = await relay.event(filler)
     failed = await relay.event(raw)
     fault_proxy.restore()
-    await wait_for(publisher.connected.is_set, what="the link to come back")
+    await wait_for(lambda: spool.depth == 0 and not spool.full, what="the spool to drain")
     retried = await relay.event(raw)
 
+    assert spooled.status == 200
     assert failed.status == 503
     assert failed.headers["Retry-After"] == "5"
     assert failed.body["error"] == "unavailable"
     assert retried.status == 200
     assert retried.body["status"] == "accepted"
-    assert (await tap.get()).body == raw
+    assert [m.body for m in await tap.take(2)] == [filler, raw]
     await assert_only_sentinel_follows(relay, tap)

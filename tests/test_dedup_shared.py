@@ -94,23 +94,30 @@ async def test_retry_to_another_instance_after_failure_is_published(
     redis_prefix: str,
     fault_proxy: FaultProxy,
 ) -> None:
-    """A first attempt that failed on one instance (its broker link cut: 503) does not block the
-    retry on another instance: that one publishes the event."""
-    a = await _shared(start_relay, redis_prefix, RELAY_AMQP_URL=proxy_url(fault_proxy))
+    """A first attempt that failed on one instance (its broker link cut and its one-event spool
+    full: 503) does not block the retry on another instance: that one publishes the event."""
+    a = await _shared(
+        start_relay, redis_prefix, RELAY_AMQP_URL=proxy_url(fault_proxy), RELAY_SPOOL_MAX_EVENTS="1"
+    )
     b = await _shared(start_relay, redis_prefix)
     tap = await broker.tap(names.exchange)
+    filler = b'{"event":"order.created","reference":"filler"}'
     raw = fixture_bytes("customer.created.json")
     fault_proxy.cut()
     await wait_for(lambda: not a.relay.app[PUBLISHER].connected.is_set(), what="a's link to drop")
 
+    spooled = await a.event(filler)
     failed = await a.event(raw)
     retry = await b.event(raw)
 
+    assert spooled.status == 200
     assert failed.status == 503
     assert failed.headers["Retry-After"] == "5"
     assert (retry.status, retry.body["status"]) == (200, "accepted")
     assert (await tap.get()).body == raw
     await assert_only_sentinel_follows(b, tap)
+    fault_proxy.restore()
+    assert (await tap.get()).body == filler  # a's spool forwards its event once the link heals
 
 
 async def test_redis_stopped_in_reject_mode_answers_503_until_it_returns(

@@ -12,13 +12,14 @@ import aiohttp
 import orjson
 import pytest
 
-from relay.app import PUBLISHER
+from relay.app import HEALTH, PUBLISHER
 from tests.conftest import (
     TOKEN,
     Broker,
     Names,
     RelayProcess,
     StartRelay,
+    assert_only_sentinel_follows,
     fixture_bytes,
     proxy_url,
     relay_environ,
@@ -187,16 +188,15 @@ async def test_logs_are_json_lines_and_never_contain_a_token(
     assert (rejected["status"], rejected["reason"]) == (401, "unauthorized")
 
 
-async def test_broker_unreachable_503_at_once_then_recovers(
+async def test_broker_unreachable_at_start_spools_then_forwards(
     start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
 ) -> None:
-    """No broker at start-up: the relay still listens, answers 503 with Retry-After at once
-    (not after the publish deadline), readiness is 503 with the reason; once the broker
-    answers, publishing resumes without a restart and readiness is 200."""
+    """No broker at start-up: the relay still listens and accepts (the event is spooled, the
+    answer does not wait for the publish deadline), readiness is 503 "degraded" with the
+    reason; once the broker answers, the spooled event is forwarded without a restart and
+    readiness is 200."""
     fault_proxy.cut()
-    relay = await start_relay(
-        RELAY_AMQP_URL=proxy_url(fault_proxy), RELAY_AMQP_PUBLISH_TIMEOUT="9", wait_durable=False
-    )
+    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy), RELAY_AMQP_PUBLISH_TIMEOUT="9")
     tap = await broker.tap(names.exchange)
     raw = fixture_bytes("customer.deleted.json")
 
@@ -206,20 +206,20 @@ async def test_broker_unreachable_503_at_once_then_recovers(
     elapsed = loop.time() - started
     ready = await relay.get("/readyz")
 
-    assert down.status == 503
-    assert down.headers["Retry-After"] == "5"
+    assert (down.status, down.body["status"]) == (200, "accepted")
     assert elapsed < 9, "answered only after the publish deadline"
     assert ready.status == 503
-    assert ready.body["status"] == "unready"
+    assert ready.body["status"] == "degraded"
     assert ready.body["reasons"]["broker"].startswith("broker link down")
+    assert ready.body["reasons"]["broker"].endswith("events are spooled")
     assert (await relay.get("/healthz")).status == 200
 
     fault_proxy.restore()
+    assert (await tap.get(timeout=20)).body == raw
     await wait_for(relay.relay.app[PUBLISHER].connected.is_set, timeout=20)
-    up = await relay.event(raw)
-    assert up.status == 200
-    assert (await tap.get()).body == raw
+    await wait_for(lambda: relay.relay.app[HEALTH].readiness()[0], what="readiness")
     assert (await relay.get("/readyz")).status == 200
+    await assert_only_sentinel_follows(relay, tap, event="customer.deleted")
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])

@@ -1,0 +1,258 @@
+"""Store and forward: the delivery policy in front of the publisher, and the forwarder.
+
+``StoreAndForward.deliver`` is the ``Deliver`` of the ingest stage. It publishes directly while
+the spool is empty and the link is up and unblocked (2xx after the broker's confirm:
+``accepted``); otherwise, and whenever the direct publish fails (nack, deadline, link lost), it
+writes the event to the spool (2xx after the fsync: ``spooled``). While the spool holds events,
+new events queue behind them, so consumers see events in spool order.
+
+``Forwarder`` publishes spooled events oldest first once the link is up, a window of many
+publishes in flight at a time (RabbitMQ confirms them in batches), and deletes each row only
+after its confirm. An event whose first publish timed out is *held* until that publish settles:
+a late confirm deletes the row (no second copy); a failure releases it to the forwarder. A row
+whose earlier publish was left unconfirmed by a dying link may reach the queue twice, with the
+same message_id; those forwards are counted in ``relay_spool_redelivered_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from relay.errors import BrokerUnavailable
+from relay.metrics import Metrics
+from relay.publish import Envelope, Publisher
+from relay.spool import Spool, SpooledEvent
+
+log = structlog.get_logger("relay.forward")
+
+#: publishes of spooled events in flight at once (what a dying link can leave unconfirmed)
+FORWARD_WINDOW = 64
+#: direct publishes allowed in flight at once; beyond it new events are spooled (reason
+#: ``backlog``). It bounds what a dying link can leave unconfirmed (possible second copies)
+#: and the confirm latency a slow link can build up.
+MAX_DIRECT_IN_FLIGHT = 128
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between rounds after a failed forward
+
+
+class StoreAndForward:
+    """The ``deliver`` policy (see the module docstring)."""
+
+    def __init__(self, publisher: Publisher, spool: Spool, metrics: Metrics) -> None:
+        self.publisher = publisher
+        self.spool = spool
+        self.metrics = metrics
+
+    async def deliver(self, envelope: Envelope) -> str:
+        """Make ``envelope`` durable: ``accepted`` (confirmed by the broker) or ``spooled``
+        (fsynced to the spool). Raises BrokerUnavailable (``spool_full``, ``spool_error``)
+        when neither is possible, so the webhook answers 503."""
+        publisher, spool = self.publisher, self.spool
+        pending: asyncio.Task[bool] | None = None
+        if spool.depth:
+            reason = "queued"  # behind events already spooled: keep the spool's order
+        elif not publisher.connected.is_set():
+            reason = "disconnected"
+        elif publisher.suspect:
+            reason = "stalled"  # do not add to the publishes a silent link holds
+        elif publisher.in_flight() >= MAX_DIRECT_IN_FLIGHT:
+            reason = "backlog"
+        else:
+            try:
+                await publisher.publish(envelope)
+            except BrokerUnavailable as exc:
+                reason, pending = exc.reason, exc.pending
+            else:
+                return "accepted"
+        seq = await spool.put(envelope, reason, pending)
+        if reason == "channel_closed":  # the link died after the publish went out
+            spool.maybe_sent.add(seq)
+        self.metrics.spooled(reason)
+        return "spooled"
+
+
+@dataclass(slots=True)
+class _Drain:
+    """The state of one ``Forwarder.drain``."""
+
+    limit: int | None
+    inflight: dict[asyncio.Task[bool], int] = field(default_factory=dict)
+    finished: asyncio.Queue[asyncio.Task[bool]] = field(default_factory=asyncio.Queue)
+    cursor: int = 0
+    moved: int = 0
+    confirmed: list[int] = field(default_factory=list)
+    exhausted: bool = False
+    failed: bool = False
+
+
+class Forwarder:
+    """Publishes spooled events to the broker, oldest first, and deletes each after its
+    confirm. A window of up to ``window`` publishes stays in flight: as confirms come back,
+    more rows are read and published, and the confirmed rows are deleted in groups.
+
+    ``start`` runs it in the background; ``stop`` lets the publishes in flight settle (bounded
+    by ``grace`` seconds) and deletes the confirmed ones, so no confirmed event stays behind.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        publisher: Publisher,
+        *,
+        window: int = FORWARD_WINDOW,
+        grace: float = 6.0,
+    ) -> None:
+        self.spool = spool
+        self.publisher = publisher
+        self.window = window
+        self.grace = grace
+        self.forwarded = 0
+        self.redelivered = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        """Start forwarding in the background."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-forwarder")
+
+    async def stop(self) -> None:
+        """Stop taking rows, let the publishes in flight settle and delete the confirmed
+        ones; the rest stays spooled for the next start."""
+        self._closing = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.grace):
+                await self._idle.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _run(self) -> None:
+        spool, publisher = self.spool, self.publisher
+        delay = BACKOFF_MIN
+        while not self._closing:
+            if not spool.depth:
+                spool.changed.clear()
+                if not spool.depth:
+                    await spool.changed.wait()
+                continue
+            if not publisher.connected.is_set():
+                await publisher.connected.wait()
+                continue
+            if publisher.blocked:
+                await publisher.wait_unblocked()
+                continue
+            spool.changed.clear()
+            self._idle.clear()
+            try:
+                ok, moved = await self.drain()
+            finally:
+                self._idle.set()
+            if not ok:  # a nack, a deadline or a closing link: back off before trying again
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_MIN
+            if not moved:  # nothing forwardable now (the head is held): wait for a change
+                await spool.changed.wait()
+
+    async def drain(
+        self, limit: int | None = None, progress: Callable[[int], None] | None = None
+    ) -> tuple[bool, int]:
+        """Forward spooled rows oldest first, up to ``window`` in flight, until nothing is
+        left to forward (or ``limit`` rows were confirmed). Returns (no publish failed, rows
+        confirmed). After the first failure no new row is published; the ones in flight
+        settle first. ``progress`` is called with the running count after each delete."""
+        spool = self.spool
+        run = _Drain(limit)
+        deleting: asyncio.Task[None] | None = None
+
+        async def delete(seqs: list[int], moved: int) -> None:
+            try:
+                await spool.delete(seqs)
+            except BrokerUnavailable as exc:
+                log.error("spool.delete_failed", error=str(exc), events=len(seqs))
+            if progress is not None:
+                progress(moved)
+
+        while True:
+            if not (run.failed or run.exhausted or self._closing):
+                await self._fill(run)
+            if not run.inflight:
+                break
+            done = {await run.finished.get()}
+            while not run.finished.empty():
+                done.add(run.finished.get_nowait())
+            confirmed = self._settle(done, run.inflight)
+            run.failed = run.failed or len(confirmed) < len(done)
+            run.confirmed += confirmed
+            run.moved += len(confirmed)
+            if run.confirmed and (deleting is None or deleting.done()):
+                deleting = asyncio.ensure_future(delete(run.confirmed, run.moved))
+                run.confirmed = []
+            if spool.changed.is_set() and not run.failed:
+                spool.changed.clear()
+                run.exhausted = False  # new rows (or a released hold): read again
+        if deleting is not None:
+            await deleting
+        if run.confirmed:
+            await delete(run.confirmed, run.moved)
+        if run.moved:
+            log.info("spool.forwarded", events=run.moved, left=spool.depth, failed=run.failed)
+        return not run.failed, run.moved
+
+    async def _fill(self, run: _Drain) -> None:
+        """Read rows after the cursor and publish them, up to the window (in groups of a
+        quarter window, not one read per confirm)."""
+        spool = self.spool
+        room = self.window - len(run.inflight)
+        batch = max(1, self.window // 4)
+        if run.limit is not None:
+            room = min(room, run.limit - run.moved - len(run.inflight))
+            batch = min(batch, max(1, room))
+        if room < batch:
+            return
+        rows = await spool.peek(room, after=run.cursor)
+        run.exhausted = len(rows) < room
+        for row in rows:
+            if row.seq in spool.held:
+                run.exhausted = True  # its first publish may still be confirmed: wait
+                return
+            run.cursor = row.seq
+            if row.seq not in spool.deleting:
+                task = asyncio.ensure_future(self._publish(row))
+                task.add_done_callback(run.finished.put_nowait)
+                run.inflight[task] = row.seq
+
+    def _settle(
+        self, done: set[asyncio.Task[bool]], inflight: dict[asyncio.Task[bool], int]
+    ) -> list[int]:
+        """Take finished publishes out of ``inflight``; the seqs that were confirmed."""
+        confirmed = []
+        for task in done:
+            seq = inflight.pop(task)
+            if task.result():
+                confirmed.append(seq)
+                self.forwarded += 1
+                if seq in self.spool.maybe_sent:
+                    self.redelivered += 1
+        return confirmed
+
+    async def _publish(self, row: SpooledEvent) -> bool:
+        try:
+            await self.publisher.publish(row.envelope)
+        except BrokerUnavailable as exc:
+            if exc.pending is not None:
+                self.spool.hold(row.seq, exc.pending)
+            elif exc.reason == "channel_closed":
+                self.spool.maybe_sent.add(row.seq)
+            return False
+        return True

@@ -1,0 +1,642 @@
+"""The spool: a local, fsynced store of events the broker could not confirm in time.
+
+An event goes to the spool when the broker is unreachable, blocked, nacks, or does not confirm
+within ``amqp.publish_timeout``; and while the spool holds events, every new event queues behind
+them, so the forwarder (``relay.forward``) publishes in spool order. The 2xx is sent only after
+the event's row is committed with ``synchronous=FULL`` (the WAL is fsynced).
+
+Storage is one SQLite database in WAL mode (``state.dir/spool.file``) with two tables: ``events``
+(one row per spooled event: the envelope, why and when it was spooled) and ``dedup`` (delivered
+dedup keys as 16-byte digests with their expiry, so that RETM's retries after a restart are still
+absorbed). Every SQLite call runs on one dedicated writer thread that empties its queue into a
+single transaction per round (group commit): a burst of N spooled events costs one fsync, not N.
+Results reach the event loop with ``loop.call_soon_threadsafe``. Writes that only persist
+dedup keys or delete forwarded rows commit with ``synchronous=NORMAL`` (a process crash loses
+nothing; a power loss could cost a duplicate with the same message_id).
+
+An exclusive ``flock`` on ``<file>.lock`` keeps a second process off the same spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from relay.dedup import digest as key_digest
+from relay.errors import BrokerUnavailable, RelayError
+from relay.publish import Envelope
+from relay.routing import Route
+
+log = structlog.get_logger("relay.spool")
+
+MAX_BATCH = 2048  # operations per transaction
+ROW_OVERHEAD = 64  # bytes counted per row besides body, headers and ids
+PRUNE_INTERVAL = 60.0  # seconds between sweeps of expired dedup keys
+RESUME_FRACTION = 0.9  # a full spool accepts again below 90 % of both limits
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    event TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    headers BLOB NOT NULL,
+    body BLOB NOT NULL,
+    spooled_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dedup (
+    digest BLOB PRIMARY KEY,
+    expiry INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expiry);
+"""
+_COLUMNS = (
+    "seq, message_id, exchange, routing_key, event, received_at, headers, body, spooled_at, "
+    "reason, size"
+)
+
+OpKind = Literal["durable", "write", "read"]
+
+
+class SpoolError(RelayError):
+    """The spool file cannot be opened (in use by another process, unreadable, corrupt)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEvent:
+    """One row of the spool: ``seq`` (spool order), the envelope to publish, ``spooled_at``
+    (Unix time), ``reason`` it was spooled (``disconnected``, ``timeout``, ``queued`` ...) and
+    ``size`` in bytes as counted against ``spool.max_bytes``."""
+
+    seq: int
+    envelope: Envelope
+    spooled_at: float
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """Totals of a spool file: events, bytes, the oldest event's spool time (or None) and the
+    number of persisted dedup keys."""
+
+    events: int
+    bytes: int
+    oldest_at: float | None
+    dedup_keys: int
+
+
+def event_size(envelope: Envelope, headers_json: bytes) -> int:
+    """Bytes an envelope counts against ``spool.max_bytes``."""
+    return (
+        len(envelope.body)
+        + len(headers_json)
+        + len(envelope.message_id)
+        + len(envelope.route.routing_key)
+        + ROW_OVERHEAD
+    )
+
+
+def _row_event(row: tuple[Any, ...]) -> SpooledEvent:
+    seq, message_id, exchange, routing_key, event, received_at, headers, body = row[:8]
+    envelope = Envelope(
+        bytes(body),
+        Route(exchange, routing_key),
+        message_id,
+        event,
+        received_at,
+        orjson.loads(headers),
+    )
+    return SpooledEvent(seq, envelope, row[8], row[9], row[10])
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) a spool database at ``path``: WAL mode, the schema, a 5 s busy
+    timeout, autocommit (transactions are explicit). Raises SpoolError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+        conn.executescript(_SCHEMA)
+    except (OSError, sqlite3.Error) as exc:
+        raise SpoolError(f"cannot open the spool {path}: {exc}") from None
+    return conn
+
+
+def read_stats(conn: sqlite3.Connection) -> SpoolStats:
+    """Totals of the spool behind ``conn``."""
+    events, size, oldest = conn.execute(
+        "SELECT count(*), coalesce(sum(size), 0), min(spooled_at) FROM events"
+    ).fetchone()
+    (keys,) = conn.execute("SELECT count(*) FROM dedup").fetchone()
+    return SpoolStats(events, size, oldest, keys)
+
+
+def read_events(
+    conn: sqlite3.Connection, limit: int, after: int = 0, *, newest: bool = False
+) -> list[SpooledEvent]:
+    """Up to ``limit`` spooled events with ``seq > after``, oldest first (newest first with
+    ``newest``)."""
+    order = "DESC" if newest else "ASC"
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq {order} LIMIT ?",  # noqa: S608
+        (after, limit),
+    ).fetchall()
+    return [_row_event(r) for r in rows]
+
+
+def delete_events(conn: sqlite3.Connection, seqs: Iterable[int]) -> tuple[int, int]:
+    """Delete the rows ``seqs`` (inside the caller's transaction); returns (events, bytes)
+    actually deleted."""
+    count = size = 0
+    seq_list = list(seqs)
+    for start in range(0, len(seq_list), 500):
+        chunk = seq_list[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        n, s = conn.execute(
+            f"SELECT count(*), coalesce(sum(size), 0) FROM events WHERE seq IN ({marks})",  # noqa: S608
+            chunk,
+        ).fetchone()
+        conn.execute(f"DELETE FROM events WHERE seq IN ({marks})", chunk)  # noqa: S608
+        count, size = count + n, size + s
+    return count, size
+
+
+class SpoolLock:
+    """An exclusive ``flock`` on ``<spool file>.lock``, held while a process uses the spool.
+    ``acquire`` raises SpoolError when another process holds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise SpoolError naming the file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(
+                f"the spool {self.path.with_suffix('')} is in use by another process "
+                "(a running relay); give each process its own spool.file"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(slots=True)
+class _Op:
+    run: Callable[[sqlite3.Connection], Any]
+    kind: OpKind
+    future: asyncio.Future[Any] | None
+
+
+_STOP = object()
+
+
+class Spool:
+    """The spool of one relay process (see the module docstring).
+
+    path: the SQLite file. max_bytes, max_events: capacity (``spool.*``). dedup_ttl: seconds a
+    spooled event's dedup key is persisted for; dedup_max_entries: most persisted keys kept.
+    on_write: called with the seconds each spooled event took to become durable (a metric).
+
+    Counters ``depth`` and ``bytes`` include events whose write is still under way, so that a
+    new event sees a non-empty spool as soon as an earlier one was handed to it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        max_events: int,
+        dedup_ttl: float,
+        dedup_max_entries: int,
+        on_write: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_events = max_events
+        self.dedup_ttl = dedup_ttl
+        self.dedup_max_entries = dedup_max_entries
+        self.depth = 0
+        self.bytes = 0
+        self.oldest_at: float | None = None
+        self.full = False
+        self.opened = asyncio.Event()
+        #: set whenever the forwarder may have new work (an event spooled, a hold released)
+        self.changed = asyncio.Event()
+        #: seq -> the publish (timed out) that may still be confirmed; not forwarded meanwhile
+        self.held: dict[int, asyncio.Task[bool]] = {}
+        #: seqs being deleted (confirmed); never forwarded again
+        self.deleting: set[int] = set()
+        #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
+        self.maybe_sent: set[int] = set()
+        self.late_confirms = 0
+        self.spooled_total = 0
+        #: transactions committed by the writer thread (group commit: fewer than writes)
+        self.commits = 0
+        self._on_write = on_write
+        self._clock = clock
+        self._lock = SpoolLock(path)
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="relay-spool-reader")
+        self._reader_conn: sqlite3.Connection | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> list[tuple[bytes, int]]:
+        """Lock and open the spool file, start the writer thread; returns the persisted dedup
+        keys still valid, as (digest, expiry) pairs in commit order. Raises SpoolError."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._lock.acquire()
+        ready: asyncio.Future[tuple[SpoolStats, list[tuple[bytes, int]]]] = loop.create_future()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._writer, args=(ready,), name="relay-spool-writer", daemon=True
+        )
+        self._thread.start()
+        try:
+            stats, keys = await ready
+        except SpoolError:
+            self._lock.release()
+            raise
+        self.depth, self.bytes, self.oldest_at = stats.events, stats.bytes, stats.oldest_at
+        self.opened.set()
+        if self.depth:
+            self.changed.set()
+        log.info(
+            "spool.opened",
+            path=str(self.path),
+            events=self.depth,
+            bytes=self.bytes,
+            dedup_keys=len(keys),
+        )
+        return keys
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer thread, close the file and release the lock.
+        Spooled events stay in the file for the next start."""
+        if self._thread is None or self._stopped is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.shield(self._stopped)
+        self._thread = None
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=False)
+        self._lock.release()
+        self.opened.clear()
+        log.info("spool.closed", events=self.depth, bytes=self.bytes)
+
+    # -- the event loop's side ---------------------------------------------------------------
+
+    def capacity_left(self, size: int) -> bool:
+        """Whether one more event of ``size`` bytes fits."""
+        return self.depth + 1 <= self.max_events and self.bytes + size <= self.max_bytes
+
+    async def put(
+        self, envelope: Envelope, reason: str, pending: asyncio.Task[bool] | None = None
+    ) -> int:
+        """Write ``envelope`` and fsync it; returns its seq. Its dedup key is persisted in the
+        same transaction. ``pending``: a publish of it that timed out and may still be
+        confirmed: the row is held (not forwarded) until that publish settles, and deleted
+        without forwarding if it was confirmed after all (a late confirm).
+
+        Raises BrokerUnavailable(``spool_full``) when full, (``spool_error``) when the write
+        failed (disk full, I/O error).
+        """
+        if not self.opened.is_set():
+            raise BrokerUnavailable("spool_error", "the spool is not open")
+        headers = orjson.dumps(envelope.headers)
+        size = event_size(envelope, headers)
+        if self.full or not self.capacity_left(size):
+            if self.depth:  # an empty spool can only be short of room for this one event
+                self._set_full(True)
+            raise BrokerUnavailable(
+                "spool_full",
+                f"the spool holds {self.depth} events, {self.bytes} bytes "
+                f"(spool.max_events {self.max_events}, spool.max_bytes {self.max_bytes})",
+            )
+        now = self._clock()
+        digest = key_digest(envelope.message_id)
+        expiry = int(now + self.dedup_ttl) + 1
+        row = (
+            envelope.message_id,
+            envelope.route.exchange,
+            envelope.route.routing_key,
+            envelope.event,
+            envelope.received_at,
+            headers,
+            envelope.body,
+            now,
+            reason,
+            size,
+        )
+
+        def insert(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "INSERT INTO events (message_id, exchange, routing_key, event, received_at, "
+                "headers, body, spooled_at, reason, size) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            conn.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?)", (digest, expiry))
+            seq = cursor.lastrowid
+            assert seq is not None
+            return seq
+
+        self.depth += 1
+        self.bytes += size
+        started = time.perf_counter()
+        try:
+            seq: int = await self._submit(insert, "durable")
+        except BaseException:
+            self.depth -= 1
+            self.bytes -= size
+            raise
+        finally:
+            if self._on_write is not None:
+                self._on_write(time.perf_counter() - started)
+        self.spooled_total += 1
+        if self.oldest_at is None:
+            self.oldest_at = now
+        if pending is not None:
+            self.hold(seq, pending)
+        self.changed.set()
+        return seq
+
+    def hold(self, seq: int, pending: asyncio.Task[bool]) -> None:
+        """Keep row ``seq`` from being forwarded until ``pending`` (its timed-out publish)
+        settles: confirmed -> the row is deleted (a late confirm, not a second copy); failed
+        or cancelled -> the row is released to the forwarder."""
+        if pending.done():
+            self._settle_hold(seq, pending)
+            return
+        self.held[seq] = pending
+        pending.add_done_callback(lambda task: self._settle_hold(seq, task))
+
+    def _settle_hold(self, seq: int, task: asyncio.Task[bool]) -> None:
+        self.held.pop(seq, None)
+        confirmed = not task.cancelled() and task.exception() is None
+        if confirmed and self.opened.is_set():
+            self.late_confirms += 1
+            log.info("spool.late_confirm", seq=seq)
+            task_ = asyncio.ensure_future(self.delete([seq]))
+            task_.add_done_callback(_log_failure)
+        else:
+            self.maybe_sent.add(seq)
+        self.changed.set()
+
+    async def delete(self, seqs: list[int]) -> None:
+        """Delete forwarded (or late-confirmed) rows; they are never forwarded again, even
+        while the delete is being committed. Raises BrokerUnavailable(``spool_error``)."""
+        self.deleting.update(seqs)
+
+        def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+            count, size = delete_events(conn, seqs)
+            head = conn.execute("SELECT spooled_at FROM events ORDER BY seq LIMIT 1").fetchone()
+            return count, size, head[0] if head else None
+
+        try:
+            count, size, oldest = await self._submit(run, "write")
+        finally:
+            self.deleting.difference_update(seqs)
+            self.maybe_sent.difference_update(seqs)
+        self.depth -= count
+        self.bytes -= size
+        self.oldest_at = oldest if self.depth else None
+        if self.full and (
+            self.depth <= self.max_events * RESUME_FRACTION
+            and self.bytes <= self.max_bytes * RESUME_FRACTION
+        ):
+            self._set_full(False)
+
+    async def peek(self, limit: int, after: int = 0) -> list[SpooledEvent]:
+        """The oldest ``limit`` spooled events with ``seq > after``. Read on a reader thread
+        with its own connection (WAL lets it read while the writer commits), so reads never
+        wait behind an fsync."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._reader, self._read, limit, after)
+
+    def _read(self, limit: int, after: int) -> list[SpooledEvent]:
+        conn = self._reader_conn
+        if conn is None:
+            conn = self._reader_conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=5
+            )
+        try:
+            return read_events(conn, limit, after)
+        except sqlite3.Error as exc:
+            raise BrokerUnavailable("spool_error", f"the spool read failed: {exc}") from None
+
+    def remember_key(self, digest: bytes, expiry: int) -> None:
+        """Persist a delivered dedup key (the MemoryDedupStore ``on_commit`` hook); committed
+        with the next group, ``synchronous=NORMAL``, never awaited."""
+        if self.opened.is_set():
+            self._queue.put(
+                _Op(
+                    lambda conn: conn.execute(
+                        "INSERT OR REPLACE INTO dedup VALUES (?, ?)", (digest, expiry)
+                    ),
+                    "write",
+                    None,
+                )
+            )
+
+    def status(self) -> dict[str, Any]:
+        """The spool's state for /health."""
+        return {
+            "path": str(self.path),
+            "open": self.opened.is_set(),
+            "events": self.depth,
+            "bytes": self.bytes,
+            "oldest_age_seconds": self.oldest_age(),
+            "max_events": self.max_events,
+            "max_bytes": self.max_bytes,
+            "full": self.full,
+            "held": len(self.held),
+            "late_confirms": self.late_confirms,
+        }
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest spooled event was written (0 when empty)."""
+        return max(0.0, self._clock() - self.oldest_at) if self.oldest_at is not None else 0.0
+
+    def readiness(self) -> str | None:
+        """None when the spool can take events, else the reason."""
+        if not self.opened.is_set():
+            return "spool not open"
+        if self.full:
+            return (
+                f"spool full: {self.depth} events, {self.bytes} bytes "
+                f"(spool.max_events {self.max_events}, spool.max_bytes {self.max_bytes})"
+            )
+        return None
+
+    def _close_reader(self) -> None:
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
+
+    def _set_full(self, full: bool) -> None:
+        if full == self.full:
+            return
+        self.full = full
+        if full:
+            log.warning("spool.full", events=self.depth, bytes=self.bytes)
+        else:
+            log.info("spool.accepting", events=self.depth, bytes=self.bytes)
+
+    def _submit(self, run: Callable[[sqlite3.Connection], Any], kind: OpKind) -> Any:
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put(_Op(run, kind, future))
+        return future
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _writer(self, ready: asyncio.Future[tuple[SpoolStats, list[tuple[bytes, int]]]]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = connect(self.path)
+            _fsync_dir(self.path.parent)
+            now = int(self._clock())
+            conn.execute("DELETE FROM dedup WHERE expiry <= ?", (now,))
+            stats = read_stats(conn)
+            keys = [
+                (bytes(d), e)
+                for d, e in conn.execute("SELECT digest, expiry FROM dedup ORDER BY expiry")
+            ]
+        except (SpoolError, sqlite3.Error, OSError) as exc:
+            error = exc if isinstance(exc, SpoolError) else SpoolError(str(exc))
+            loop.call_soon_threadsafe(_settle, ready, None, error)
+            loop.call_soon_threadsafe(_settle, self._stopped, None, None)
+            return
+        loop.call_soon_threadsafe(_settle, ready, (stats, keys), None)
+        mode = "FULL"
+        last_prune = time.monotonic()
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = _STOP in batch
+                ops = [op for op in batch if isinstance(op, _Op)]
+                if time.monotonic() - last_prune > PRUNE_INTERVAL:
+                    last_prune = time.monotonic()
+                    ops.append(_Op(self._prune, "write", None))
+                mode = self._commit(conn, ops, mode)
+                if stop:
+                    return
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            loop.call_soon_threadsafe(_settle, self._stopped, None, None)
+
+    def _commit(self, conn: sqlite3.Connection, ops: list[_Op], mode: str) -> str:
+        """Run the write ops of one round in one transaction, then the reads; hand the results
+        to the event loop in one callback. Returns the synchronous mode now in force."""
+        writes = [op for op in ops if op.kind != "read"]
+        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        if writes:
+            want = "FULL" if any(op.kind == "durable" for op in writes) else "NORMAL"
+            try:
+                if want != mode:
+                    conn.execute(f"PRAGMA synchronous={want}")
+                    mode = want
+                conn.execute("BEGIN IMMEDIATE")
+                values = [op.run(conn) for op in writes]
+                conn.execute("COMMIT")
+                self.commits += 1
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                error = BrokerUnavailable("spool_error", f"the spool write failed: {exc}")
+                results += [(op.future, None, error) for op in writes]
+                log.error("spool.write_failed", error=str(exc), operations=len(writes))
+            else:
+                results += [(op.future, v, None) for op, v in zip(writes, values, strict=True)]
+        for op in ops:
+            if op.kind == "read":
+                try:
+                    results.append((op.future, op.run(conn), None))
+                except sqlite3.Error as exc:
+                    error = BrokerUnavailable("spool_error", f"the spool read failed: {exc}")
+                    results.append((op.future, None, error))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle_all, results)
+        return mode
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM dedup WHERE expiry <= ?", (int(self._clock()),))
+        (count,) = conn.execute("SELECT count(*) FROM dedup").fetchone()
+        if count > self.dedup_max_entries:
+            conn.execute(
+                "DELETE FROM dedup WHERE digest IN "
+                "(SELECT digest FROM dedup ORDER BY expiry LIMIT ?)",
+                (count - self.dedup_max_entries,),
+            )
+
+
+def _settle(future: asyncio.Future[Any] | None, value: Any, error: BaseException | None) -> None:
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _settle_all(
+    results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
+) -> None:
+    for future, value, error in results:
+        _settle(future, value, error)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("spool.delete_failed", error=str(task.exception()))
