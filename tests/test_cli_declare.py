@@ -165,7 +165,7 @@ async def test_declare_fails_when_the_broker_does_not_answer(env: dict[str, str]
 
     assert result.code == 1
     assert result.stderr.startswith(
-        f"retm-relay declare: cannot connect to the broker at 127.0.0.1:{port}/"
+        f"retm-relay declare: cannot connect to the broker at 127.0.0.1:{port}:"
     )
     assert result.stderr.count("\n") == 1
     assert "guest:guest" not in result.stderr
