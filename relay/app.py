@@ -10,16 +10,20 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import structlog
 from aiohttp import hdrs, web
 
 from relay.auth import TokenAuthenticator
 from relay.dedup import MemoryDedupStore
 from relay.health import Health
-from relay.ingest import Ingest, error_response
+from relay.ingest import Deliver, Ingest, error_response
+from relay.install import InstallFlow, Outbox
+from relay.loyalty import Loyalty, ReplyCache, RpcLink
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
 from relay.settings import Settings
+from relay.tokens import TokenRegistry, open_store
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -27,6 +31,9 @@ HEALTH = web.AppKey("health", Health)
 PUBLISHER = web.AppKey("publisher", Publisher)
 DEDUP = web.AppKey("dedup", MemoryDedupStore)
 INGEST = web.AppKey("ingest", Ingest)
+TOKENS = web.AppKey("tokens", TokenRegistry)
+INSTALL = web.AppKey("install", InstallFlow)
+LOYALTY = web.AppKey("loyalty", Loyalty)
 
 
 @web.middleware
@@ -78,7 +85,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
         return "accepted"
 
     ingest = Ingest(
-        authenticator=TokenAuthenticator(settings.auth.tokens),
+        authenticator=TokenAuthenticator(settings.auth.tokens, clock=clock),
         router=router,
         dedup=dedup,
         deliver=deliver,
@@ -133,6 +140,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> w
     )
 
     app.cleanup_ctx.append(_broker_link)
+    _add_flows(app, deliver, clock)
     return app
 
 
@@ -141,3 +149,108 @@ async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.close()
+
+
+def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float]) -> None:
+    """RETM's own flows: the token registry (always), the install route (``install.enabled``)
+    and the loyalty RPC routes (``loyalty.enabled``), with their resources after the broker's."""
+    settings, metrics, health, ingest = app[SETTINGS], app[METRICS], app[HEALTH], app[INGEST]
+    registry = TokenRegistry(
+        open_store(
+            settings.install.store,
+            settings.state.dir,
+            settings.dedup.redis_url.value,
+            settings.install.redis_key,
+        ),
+        ingest.authenticator,
+        clock=clock,
+    )
+    app[TOKENS] = registry
+    health.add_check(
+        "tokens",
+        lambda: (
+            None
+            if registry.loaded.is_set()
+            else f"token registry not loaded: {registry.last_error or 'loading'}"
+        ),
+    )
+    health.add_detail("tokens", registry.status)
+    metrics.gauge_callback(
+        "relay_registry_tokens", "Tokens in the per-merchant registry.", lambda: len(registry)
+    )
+    app.cleanup_ctx.append(_token_registry)
+
+    if settings.loyalty.enabled:
+        link = RpcLink(settings.amqp, metrics)
+        loyalty = Loyalty(
+            settings=settings.loyalty,
+            link=link,
+            ingest=ingest,
+            cache=ReplyCache(settings.dedup.ttl, settings.loyalty.cache_max_entries, clock),
+            metrics=metrics,
+            key_fields=settings.dedup.key_fields,
+        )
+        app[LOYALTY] = loyalty
+        app.router.add_post(settings.loyalty.check_reward_path, loyalty.check_reward)
+        app.router.add_post(settings.loyalty.redeem_reward_path, loyalty.redeem_reward)
+        health.add_check(
+            "loyalty_rpc",
+            lambda: (
+                None
+                if link.connected.is_set()
+                else f"loyalty RPC link down: {link.last_error or 'connecting'}"
+            ),
+        )
+        health.add_detail("loyalty_rpc", link.status)
+        app.cleanup_ctx.append(_rpc_link)
+
+    if settings.install.enabled:
+        outbox = Outbox(settings.state.dir)
+        flow = InstallFlow(
+            settings=settings.install,
+            registry=registry,
+            outbox=outbox,
+            deliver=deliver,
+            router=ingest.router,
+            metrics=metrics,
+            key_fields=settings.dedup.key_fields,
+            max_body_bytes=settings.http.max_body_bytes,
+            clock=clock,
+        )
+        app[INSTALL] = flow
+        app.router.add_post(settings.install.path, flow.handle)
+        health.add_detail("install", lambda: {"outbox_pending": outbox.pending})
+        metrics.gauge_callback(
+            "relay_install_outbox_pending",
+            "app.installed events stored but not yet published.",
+            lambda: outbox.pending,
+        )
+        app.cleanup_ctx.append(_install_outbox)
+
+
+async def _token_registry(app: web.Application) -> AsyncIterator[None]:
+    registry = app[TOKENS]
+    await registry.start()
+    yield
+    await registry.close()
+
+
+async def _rpc_link(app: web.Application) -> AsyncIterator[None]:
+    link = app[LOYALTY].link
+    await link.start()
+    yield
+    await link.close()
+
+
+async def _install_outbox(app: web.Application) -> AsyncIterator[None]:
+    flow = app[INSTALL]
+    settings = app[SETTINGS].install
+    if settings.path == "/retm/install" and not settings.require_data:
+        structlog.get_logger("relay.install").warning(
+            "install.unprotected",
+            detail="install.enabled with the default path and no require_data: anyone who "
+            "reaches the relay can mint a token; set an unguessable install.path",
+        )
+    await flow.start()
+    yield
+    await flow.close()
