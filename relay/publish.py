@@ -229,15 +229,21 @@ class Publisher:
                 fut.set_exception(exc)
 
     async def _connect(self) -> _Link:
-        connection = await aio_pika.connect(
+        connection = aio_pika.Connection(
             self._url,
-            timeout=self.settings.connect_timeout,
             client_properties={
                 "connection_name": f"retm-relay {socket.gethostname()} pid {os.getpid()}",
                 "product": "retm-relay",
                 "version": __version__,
             },
         )
+        try:
+            await connection.connect(timeout=self.settings.connect_timeout)
+        except BaseException:
+            # Close the failed attempt here: an unclosed Connection closes itself from
+            # __del__, which breaks when the garbage collector runs on another thread.
+            await connection.close()
+            raise
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
