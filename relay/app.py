@@ -18,7 +18,7 @@ from relay.dedup import MemoryDedupStore
 from relay.health import Health
 from relay.ingest import Deliver, Ingest, error_response
 from relay.install import InstallFlow, Outbox
-from relay.loyalty import Loyalty, ReplyCache, RpcLink
+from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache, RpcLink
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
@@ -182,11 +182,18 @@ def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float
 
     if settings.loyalty.enabled:
         link = RpcLink(settings.amqp, metrics)
+        cache: ReplyCache = (
+            RedisReplyCache(
+                settings.dedup.redis_url.value, settings.loyalty.redis_key, settings.dedup.ttl
+            )
+            if settings.dedup.backend == "redis"
+            else MemoryReplyCache(settings.dedup.ttl, settings.loyalty.cache_max_entries, clock)
+        )
         loyalty = Loyalty(
             settings=settings.loyalty,
             link=link,
             ingest=ingest,
-            cache=ReplyCache(settings.dedup.ttl, settings.loyalty.cache_max_entries, clock),
+            cache=cache,
             metrics=metrics,
             key_fields=settings.dedup.key_fields,
         )
@@ -236,10 +243,11 @@ async def _token_registry(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _rpc_link(app: web.Application) -> AsyncIterator[None]:
-    link = app[LOYALTY].link
-    await link.start()
+    loyalty = app[LOYALTY]
+    await loyalty.link.start()
     yield
-    await link.close()
+    await loyalty.link.close()
+    await loyalty.cache.close()
 
 
 async def _install_outbox(app: web.Application) -> AsyncIterator[None]:

@@ -102,10 +102,17 @@ class Outbox:
         self.pending = int(row[0])
         return self.pending
 
-    async def remove(self, row_id: int) -> None:
-        """Forget a published (or abandoned) event."""
-        await self.db.run(lambda c: c.execute("DELETE FROM outbox WHERE id = ?", (row_id,)))
-        self.pending = max(0, self.pending - 1)
+    async def remove(self, *row_ids: int) -> None:
+        """Forget published (or abandoned) events, in one transaction."""
+        params = [(i,) for i in row_ids]
+
+        def delete(c: sqlite3.Connection) -> None:
+            with c:  # one commit (one fsync) for the lot
+                c.execute("BEGIN")
+                c.executemany("DELETE FROM outbox WHERE id = ?", params)
+
+        await self.db.run(delete)
+        self.pending = max(0, self.pending - len(row_ids))
 
 
 class InstallFlow:
@@ -189,7 +196,7 @@ class InstallFlow:
         log.info(
             "install.accepted",
             business=business,
-            token=token_digest(token).hex()[:8],
+            fingerprint=token_digest(token).hex()[:8],
             latency_ms=round(elapsed * 1000, 2),
         )
         answer = {"token": token}
@@ -246,20 +253,27 @@ class InstallFlow:
 
     async def _forward_batch(self) -> None:
         while rows := await self.outbox.oldest():
-            for row_id, body, business, received_at, message_id in rows:
-                route = self.router.route(APP_INSTALLED, business, None)
-                parsed = parse_object(body) if body else {}
-                headers = contract_headers(APP_INSTALLED, business, parsed, received_at)
-                envelope = Envelope(body, route, message_id, APP_INSTALLED, received_at, headers)
-                outcome = await self.deliver(envelope)
-                await self.outbox.remove(row_id)
-                log.info(
-                    "install.published",
-                    business=business,
-                    key=message_id,
-                    routing_key=route.routing_key,
-                    outcome=outcome,
-                )
+            done: list[int] = []
+            try:
+                for row_id, body, business, received_at, message_id in rows:
+                    route = self.router.route(APP_INSTALLED, business, None)
+                    parsed = parse_object(body) if body else {}
+                    headers = contract_headers(APP_INSTALLED, business, parsed, received_at)
+                    envelope = Envelope(
+                        body, route, message_id, APP_INSTALLED, received_at, headers
+                    )
+                    outcome = await self.deliver(envelope)
+                    done.append(row_id)
+                    log.info(
+                        "install.published",
+                        business=business,
+                        key=message_id,
+                        routing_key=route.routing_key,
+                        outcome=outcome,
+                    )
+            finally:
+                if done:  # (a crash before this re-publishes them: same message_id)
+                    await self.outbox.remove(*done)
 
 
 def check_install(body: Mapping[str, Any], required: Mapping[str, str]) -> str:

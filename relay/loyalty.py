@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
@@ -211,15 +211,21 @@ class RpcLink:
             self._first_attempt.set_result(None)
 
     async def _connect(self) -> _Link:
-        connection = await aio_pika.connect(
+        connection = aio_pika.Connection(
             self._url,
-            timeout=self.settings.connect_timeout,
             client_properties={
                 "connection_name": f"retm-relay rpc {socket.gethostname()} pid {os.getpid()}",
                 "product": "retm-relay",
                 "version": __version__,
             },
         )
+        try:
+            await connection.connect(timeout=self.settings.connect_timeout)
+        except BaseException:
+            # Close the failed attempt here: an unclosed Connection closes itself from
+            # __del__, which breaks when the garbage collector runs on another thread.
+            await connection.close()
+            raise
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -318,9 +324,26 @@ class RpcLink:
             del self._pending[correlation_id]
 
 
-class ReplyCache:
-    """Redeem answers by dedup key, for ``ttl`` seconds, at most ``max_entries`` (the oldest
-    go first). clock: wall-clock seconds."""
+class ReplyCache(Protocol):
+    """Where redeem answers are kept by dedup key for the TTL: memory, or Redis (shared by
+    every relay instance, so a retry that reaches another instance gets the same answer)."""
+
+    async def get(self, key: str) -> Reply | None:
+        """The cached reply for ``key``, if any and not expired."""
+        ...
+
+    async def put(self, key: str, reply: Reply) -> None:
+        """Remember ``reply`` for ``key``."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class MemoryReplyCache:
+    """Redeem answers in memory for ``ttl`` seconds, at most ``max_entries`` (the oldest go
+    first). clock: wall-clock seconds."""
 
     def __init__(
         self, ttl: float, max_entries: int, clock: Callable[[], float] = time.time
@@ -333,7 +356,7 @@ class ReplyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> Reply | None:
+    async def get(self, key: str) -> Reply | None:
         """The cached reply for ``key``, if any and not expired."""
         entry = self._entries.get(key)
         if entry is None:
@@ -343,12 +366,61 @@ class ReplyCache:
             return None
         return entry[1]
 
-    def put(self, key: str, reply: Reply) -> None:
+    async def put(self, key: str, reply: Reply) -> None:
         """Remember ``reply`` for ``key``."""
         self._entries[key] = (self._clock() + self.ttl, reply)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class RedisReplyCache:
+    """Redeem answers in Redis under ``<prefix>:<dedup key>`` with a TTL (``PX``); the value
+    is the status, a newline, and the body. A Redis failure is logged and treated as a miss
+    (the responder, which gets the dedup key as message_id, is the last line of defence)."""
+
+    def __init__(self, url: str, prefix: str, ttl: float) -> None:
+        import redis.asyncio as aioredis  # noqa: PLC0415 - only relays that use Redis need it
+
+        self.prefix = prefix
+        self.ttl_ms = max(1, int(ttl * 1000))
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=0.5, socket_connect_timeout=0.5, retry_on_timeout=False
+        )
+        self._errors: tuple[type[BaseException], ...] = (
+            aioredis.RedisError,
+            OSError,
+            TimeoutError,
+        )
+
+    async def get(self, key: str) -> Reply | None:
+        """The cached reply for ``key``, or None (also when Redis fails)."""
+        try:
+            value = await self._redis.get(f"{self.prefix}:{key}")
+        except self._errors as exc:
+            log.warning("loyalty.cache_unavailable", error=str(exc))
+            return None
+        if not value:
+            return None
+        raw = value.encode() if isinstance(value, str) else value
+        status, _, body = raw.partition(b"\n")
+        return Reply(int(status), body)
+
+    async def put(self, key: str, reply: Reply) -> None:
+        """Remember ``reply`` for ``key`` for the TTL (a Redis failure is logged)."""
+        value = b"%d\n%b" % (reply.status, reply.body)
+        try:
+            await self._redis.set(f"{self.prefix}:{key}", value, px=self.ttl_ms)
+        except self._errors as exc:
+            log.warning("loyalty.cache_unavailable", error=str(exc))
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        with contextlib.suppress(*self._errors):
+            await self._redis.aclose()
 
 
 class Loyalty:
@@ -411,72 +483,94 @@ class Loyalty:
             headers[MISMATCH_HEADER] = mismatch
             self.metrics.business_mismatch()
             log.warning("webhook.business_mismatch", business=business, body_business=mismatch)
-        key = dedup_key(hook.principal.id, event, body, hook.raw, self.key_fields)
-
-        async def ask() -> tuple[Reply, str]:
-            started = time.perf_counter()
-            try:
-                reply = await self.link.call(
-                    hook.raw,
-                    route,
-                    event=event,
-                    message_id=key if dedup else None,
-                    headers=headers,
-                    received_at=hook.received_at,
-                    timeout=self.settings.timeout,
-                )
-            except NoAnswer as exc:
-                self.metrics.loyalty(hook_name, f"fallback_{exc.reason}")
-                log.warning(
-                    "loyalty.fallback",
-                    hook=hook_name,
-                    reason=exc.reason,
-                    detail=str(exc),
-                    key=key,
-                    routing_key=route.routing_key,
-                )
-                return self.fallback, exc.reason
-            elapsed = time.perf_counter() - started
-            self.metrics.loyalty(hook_name, "answered", elapsed)
-            log.info(
-                "loyalty.answered",
-                hook=hook_name,
-                status=reply.status,
-                key=key,
-                routing_key=route.routing_key,
-                latency_ms=round(elapsed * 1000, 2),
-            )
-            return reply, ""
-
+        request_ = _Request(
+            hook_name,
+            event,
+            hook.raw,
+            route,
+            headers,
+            hook.received_at,
+            dedup_key(hook.principal.id, event, body, hook.raw, self.key_fields),
+        )
         if not dedup:
-            reply, reason = await ask()
-            return _response(reply, reason)
-        cached = self.cache.get(key)
+            return _response(*await self._ask(request_, message_id=None))
+        return await self._redeem(request_)
+
+    async def _redeem(self, req: _Request) -> web.Response:
+        """Answer from the cache, or as a concurrent copy's first request is answered, or ask."""
+        cached = await self.cache.get(req.key)
         if cached is not None:
-            self.metrics.loyalty(hook_name, "cached")
-            log.info("loyalty.duplicate", hook=hook_name, key=key, status=cached.status)
+            self.metrics.loyalty(req.hook_name, "cached")
+            log.info("loyalty.duplicate", hook=req.hook_name, key=req.key, status=cached.status)
             return _response(cached, "")
-        first = self._in_flight.get(key)
-        if first is not None:  # a concurrent copy: answer as the first one is answered
+        first = self._in_flight.get(req.key)
+        if first is not None:
             self.waiting += 1
             try:
                 reply, reason = await asyncio.shield(first)
             finally:
                 self.waiting -= 1
-            self.metrics.loyalty(hook_name, "cached")
+            self.metrics.loyalty(req.hook_name, "cached")
             return _response(reply, reason)
         future: asyncio.Future[tuple[Reply, str]] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        self._in_flight[req.key] = future
         try:
-            reply, reason = await ask()
-            if not reason:  # a responder's answer; a fallback lets the retry ask again
-                self.cache.put(key, reply)
+            reply, reason = await self._ask(req, message_id=req.key)
+            if not reason:  # a responder's answer; after a fallback the retry asks again
+                await self.cache.put(req.key, reply)
             future.set_result((reply, reason))
         finally:
-            del self._in_flight[key]
+            del self._in_flight[req.key]
             if not future.done():
                 future.set_result((self.fallback, "cancelled"))
         return _response(reply, reason)
+
+    async def _ask(self, req: _Request, *, message_id: str | None) -> tuple[Reply, str]:
+        """The responder's reply and ``""``, or the fallback and the reason."""
+        started = time.perf_counter()
+        try:
+            reply = await self.link.call(
+                req.raw,
+                req.route,
+                event=req.event,
+                message_id=message_id,
+                headers=req.headers,
+                received_at=req.received_at,
+                timeout=self.settings.timeout,
+            )
+        except NoAnswer as exc:
+            self.metrics.loyalty(req.hook_name, f"fallback_{exc.reason}")
+            log.warning(
+                "loyalty.fallback",
+                hook=req.hook_name,
+                reason=exc.reason,
+                detail=str(exc),
+                key=req.key,
+                routing_key=req.route.routing_key,
+            )
+            return self.fallback, exc.reason
+        elapsed = time.perf_counter() - started
+        self.metrics.loyalty(req.hook_name, "answered", elapsed)
+        log.info(
+            "loyalty.answered",
+            hook=req.hook_name,
+            status=reply.status,
+            key=req.key,
+            routing_key=req.route.routing_key,
+            latency_ms=round(elapsed * 1000, 2),
+        )
+        return reply, ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    hook_name: str
+    event: str
+    raw: bytes
+    route: Route
+    headers: dict[str, Any]
+    received_at: float
+    key: str
 
 
 def _response(reply: Reply, fallback_reason: str) -> web.Response:

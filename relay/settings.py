@@ -146,7 +146,8 @@ class LoyaltySettings:
     timeout: seconds to wait for a responder's reply (below RETM's 10 s).
     fallback_status, fallback_body: the answer when no responder is bound, none replies in time,
     or the link is down; by default RETM's "invalid reward" shape (400, ``message``, ``errors``).
-    cache_max_entries: most redeem answers kept (for ``dedup.ttl``) to answer RETM's retries.
+    cache_max_entries: most redeem answers kept in memory (for ``dedup.ttl``) to answer RETM's
+    retries. With ``dedup.backend = "redis"`` they are kept in Redis under ``redis_key``.
     """
 
     enabled: bool = True
@@ -159,6 +160,7 @@ class LoyaltySettings:
         '"errors":["loyalty system unavailable"]}'
     )
     cache_max_entries: int = 100_000
+    redis_key: str = "retm-relay:loyalty"
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +530,11 @@ def _validate_flows(s: Settings) -> None:
     except orjson.JSONDecodeError:
         raise ConfigError("loyalty.fallback_body", "must be valid JSON") from None
     _check(s.loyalty.cache_max_entries >= 1, "loyalty.cache_max_entries", "must be at least 1")
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", s.loyalty.redis_key)),
+        "loyalty.redis_key",
+        "must be 1-100 of letters, digits, '_.:-'",
+    )
 
 
 def describe(s: Settings) -> dict[str, Any]:

@@ -56,6 +56,12 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def make_token(business: str, source: str, now: float) -> tuple[str, TokenRecord]:
+    """A fresh token for ``business`` and its record (created at ``now``, no expiry)."""
+    token = new_token()
+    return token, TokenRecord(token_digest(token), business, now, None, source)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
     """One registered token, without the token.
@@ -434,9 +440,8 @@ class TokenRegistry:
         leave them alone (an extra token). Raises StoreUnavailable when the store fails; the
         token is then neither stored nor accepted.
         """
-        token = new_token()
         now = self.clock()
-        record = TokenRecord(token_digest(token), business, now, None, source)
+        token, record = make_token(business, source, now)
         changed = await self.store.add(record, None if grace is None else now + grace)
         for r in (*changed, record):
             self._accept(r)

@@ -13,11 +13,13 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from relay.app import LOYALTY, METRICS
 from relay.settings import LoyaltySettings
 from tests.conftest import (
     AMQP_URL,
+    REDIS_URL,
     Broker,
     Names,
     RunningRelay,
@@ -294,3 +296,46 @@ async def test_broker_link_lost_gives_fallback_and_readiness_says_so(
     await wait_for(link.connected.is_set, timeout=15, what="the RPC link to heal")
     answer = await relay.post(CHECK, fixture_bytes("loyalty.check_reward.json"))
     assert answer.status == 200
+
+
+async def test_redeem_retry_at_another_relay_gets_the_first_answer_through_redis(
+    start_relay: StartRelay, start_responder: StartResponder
+) -> None:
+    """With dedup.backend = redis the redeem answers are shared: RETM's retry that reaches a
+    second relay gets the first relay's answer, and the responder sees one request."""
+    prefix = f"test:{uuid.uuid4().hex[:10]}:loyalty"
+    shared = {
+        "RELAY_DEDUP_BACKEND": "redis",
+        "RELAY_DEDUP_REDIS_URL": REDIS_URL,
+        "RELAY_LOYALTY_REDIS_KEY": prefix,
+    }
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        a = await start_relay(**shared)
+        b = await start_relay(**shared)
+        redeems: list[dict[str, Any]] = []
+        await start_responder({"loyalty.redeem_reward": counting(redeems, example.redeem_reward)})
+        body = fixture_bytes("loyalty.redeem_reward.json")
+        first = await a.post(REDEEM, body)
+        retry = await b.post(REDEEM, body)
+        assert first.status == retry.status == 200
+        assert (
+            retry.body
+            == first.body
+            == {
+                "data": {"reward_code": "NKH-4821", "redeemed": True},
+                "errors": [],
+            }
+        )
+        assert len(redeems) == 1
+        assert (
+            metric(b, "relay_loyalty_requests_total", hook="redeem_reward", outcome="cached") == 1
+        )
+        keys = await client.keys(f"{prefix}:*")
+        assert len(keys) == 1
+        assert 0 < await client.pttl(keys[0]) <= 86_400_000
+    finally:
+        keys = await client.keys(f"{prefix}:*")
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
