@@ -161,7 +161,7 @@ class Responder:
             try:
                 request = json.loads(message.body)
                 status, payload = await handler(request if isinstance(request, dict) else {})
-            except (ValueError, KeyError, TypeError):
+            except Exception:  # any failure still owes the cashier an answer
                 log.exception("responder.failed event=%s", event)
                 status, payload = invalid("The reward cannot be checked", "loyalty system error")
             body = json.dumps(payload, ensure_ascii=False).encode()
