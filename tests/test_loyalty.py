@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from relay.settings import LoyaltySettings
 from tests.conftest import (
     AMQP_URL,
     REDIS_URL,
+    TOKEN,
     Broker,
     Names,
     RunningRelay,
@@ -90,11 +92,17 @@ async def test_check_reward_round_trip_with_the_example_responder(
     await start_responder()
     tap = await broker.tap(names.exchange, "loyalty.#")  # sees each request as sent
     body = fixture_bytes("loyalty.check_reward.json")
-    answer = await relay.post(CHECK, body)
-    assert answer.status == 200
-    expected = orjson.loads(fixture_bytes("loyalty.check_reward.response.200.json"))
-    assert answer.body == expected
-    assert "x-relay-fallback" not in answer.headers
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    async with relay.session.post(relay.url + CHECK, data=body, headers=headers) as response:
+        raw = await response.read()
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert "x-relay-fallback" not in response.headers
+    sent = {"data": example.REWARDS["NKH-4821"], "errors": []}
+    assert raw == json.dumps(sent, ensure_ascii=False).encode()  # the responder's bytes
+    assert orjson.loads(raw) == orjson.loads(
+        fixture_bytes("loyalty.check_reward.response.200.json")
+    )
     request = await tap.get()
     assert request.body == body
     assert request.routing_key == "loyalty.check_reward"
@@ -132,10 +140,22 @@ async def test_unknown_code_gets_the_responders_400(
 async def test_hundred_concurrent_requests_each_get_their_own_answer(
     start_relay: StartRelay, start_responder: StartResponder
 ) -> None:
-    """100 check-reward requests in flight at once, with different codes: every answer names
-    its own request's code (replies are matched by correlation id)."""
+    """100 check-reward requests in flight at once, with different codes, answered in the
+    reverse order: every answer names its own request's code (replies are matched by
+    correlation id, not by order)."""
     relay = await start_relay()
-    await start_responder()
+    arrived: list[asyncio.Event] = []
+
+    async def reversed_rules(request: dict[str, Any]) -> Any:
+        gate = asyncio.Event()
+        arrived.append(gate)
+        if len(arrived) == 100:  # all in flight: answer the newest first
+            for waiting in reversed(arrived):
+                waiting.set()
+        await gate.wait()
+        return await example.check_reward(request)
+
+    await start_responder({"loyalty.check_reward": reversed_rules}, prefetch=100)
     codes = [f"C-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(100)]
     answers = await asyncio.gather(
         *(
@@ -204,26 +224,33 @@ async def _queue_empty(broker: Broker, name: str) -> bool:
 async def test_late_reply_is_discarded_and_never_answers_another_request(
     start_relay: StartRelay, start_responder: StartResponder
 ) -> None:
-    """A slow responder's reply arrives after the deadline: it is counted and dropped, and
-    the next request gets its own answer, not the late one."""
-    relay = await start_relay(RELAY_LOYALTY_TIMEOUT="0.3")
-    release = asyncio.Event()
+    """A slow responder's reply arrives after its request's deadline, while another request
+    is waiting: it is counted and dropped, and the waiting request gets its own answer."""
+    relay = await start_relay(RELAY_LOYALTY_TIMEOUT="2")
+    release_slow, release_fast, fast_arrived = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def rules(request: dict[str, Any]) -> Any:
         if request["reward_code"] == "SLOW":
-            await release.wait()
+            await release_slow.wait()
+        if request["reward_code"] == "FAST":
+            fast_arrived.set()
+            await release_fast.wait()
         return 200, {"data": {"code": request["reward_code"]}, "errors": []}
 
     await start_responder({"loyalty.check_reward": rules})
     slow = await relay.post(CHECK, b'{"reward_code":"SLOW"}')
     assert slow.status == 400
     assert slow.headers["x-relay-fallback"] == "timeout"
-    release.set()
+    fast = asyncio.ensure_future(relay.post(CHECK, b'{"reward_code":"FAST"}'))
+    async with asyncio.timeout(10):
+        await fast_arrived.wait()  # FAST is in flight at the relay ...
+    release_slow.set()  # ... when SLOW's late reply arrives
     link = relay.relay.app[LOYALTY].link
     await wait_for(lambda: link.late_replies == 1, what="the late reply")
-    fast = await relay.post(CHECK, b'{"reward_code":"FAST"}')
-    assert fast.status == 200
-    assert fast.body == {"data": {"code": "FAST"}, "errors": []}
+    release_fast.set()
+    answer = await fast
+    assert answer.status == 200
+    assert answer.body == {"data": {"code": "FAST"}, "errors": []}
     assert metric(relay, "relay_loyalty_late_replies_total") == 1
 
 
