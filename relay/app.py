@@ -18,10 +18,11 @@ from relay.dedup import MemoryDedupStore
 from relay.health import Health
 from relay.ingest import Deliver, Ingest, error_response
 from relay.install import InstallFlow, Outbox
-from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache, RpcLink
+from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
+from relay.rpc import RpcLink
 from relay.settings import Settings
 from relay.tokens import TokenRegistry, open_store
 

@@ -13,7 +13,8 @@ from relay.auth import TokenAuthenticator, token_digest
 from relay.errors import ConfigError
 from relay.ingest import Rejection
 from relay.install import check_install
-from relay.loyalty import MemoryReplyCache, NoAnswer, Reply, parse_reply
+from relay.loyalty import MemoryReplyCache
+from relay.rpc import NoAnswer, Reply, parse_reply
 from relay.settings import describe, load_settings
 from relay.tokens import SqliteTokenStore, TokenRecord, TokenStoreError, make_token, rotated, select
 
