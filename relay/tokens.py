@@ -403,6 +403,8 @@ class TokenRegistry:
         self.last_error = ""
         self._records: dict[bytes, TokenRecord] = {}
         self._version: str | None = None
+        self._writing = 0  # local writes in progress
+        self._writes = 0  # local writes finished
         self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -442,7 +444,12 @@ class TokenRegistry:
         """
         now = self.clock()
         token, record = make_token(business, source, now)
-        changed = await self.store.add(record, None if grace is None else now + grace)
+        self._writing += 1
+        try:
+            changed = await self.store.add(record, None if grace is None else now + grace)
+        finally:
+            self._writing -= 1
+            self._writes += 1
         for r in (*changed, record):
             self._accept(r)
         return token
@@ -465,7 +472,13 @@ class TokenRegistry:
         try:
             version = await self.store.version()
             if version != self._version or not self.loaded.is_set():
-                self.apply(await self.store.load())
+                writes = self._writes
+                records = await self.store.load()
+                if self._writing or self._writes != writes:
+                    # A local write overlapped the read, which may predate it (with Redis the
+                    # answers come on different connections): read again at the next poll.
+                    return
+                self.apply(records)
                 self._version = version
                 if not self.loaded.is_set():
                     log.info("tokens.loaded", tokens=len(self._records))
