@@ -201,15 +201,14 @@ def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float
         app[LOYALTY] = loyalty
         app.router.add_post(settings.loyalty.check_reward_path, loyalty.check_reward)
         app.router.add_post(settings.loyalty.redeem_reward_path, loyalty.redeem_reward)
-        health.add_check(
-            "loyalty_rpc",
-            lambda: (
-                None
-                if link.connected.is_set()
-                else f"loyalty RPC link down: {link.last_error or 'connecting'}"
-            ),
-        )
+        # Reported, not a readiness check: while the RPC link is down the loyalty hooks still
+        # answer (the fallback, at once), and readiness gates the events too.
         health.add_detail("loyalty_rpc", link.status)
+        metrics.gauge_callback(
+            "relay_loyalty_rpc_connected",
+            "1 while the loyalty RPC link (with its reply consumer) is up.",
+            lambda: 1 if link.connected.is_set() else 0,
+        )
         app.cleanup_ctx.append(_rpc_link)
 
     if settings.install.enabled:

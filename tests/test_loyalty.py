@@ -303,26 +303,29 @@ async def test_loyalty_needs_the_bearer_token(start_relay: StartRelay) -> None:
     assert answer.body["error"] == "unauthorized"
 
 
-async def test_broker_link_lost_gives_fallback_and_readiness_says_so(
+async def test_broker_link_lost_gives_fallback_and_health_says_so(
     start_relay: StartRelay, start_responder: StartResponder, fault_proxy: Any
 ) -> None:
-    """While the RPC link is down the hooks answer the fallback at once and /readyz names
-    the loyalty link; it heals by itself."""
+    """While the RPC link is down the hooks answer the fallback at once, /health and the
+    relay_loyalty_rpc_connected gauge say so; the link heals by itself."""
     relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy, heartbeat=1))
     await start_responder()
     link = relay.relay.app[LOYALTY].link
+    assert metric(relay, "relay_loyalty_rpc_connected") == 1
     fault_proxy.cut()
     await wait_for(lambda: not link.connected.is_set(), what="the RPC link to drop")
     answer = await relay.post(CHECK, fixture_bytes("loyalty.check_reward.json"))
     assert answer.status == 400
     assert answer.headers["x-relay-fallback"] == "disconnected"
-    ready = await relay.get("/readyz")
-    assert ready.status == 503
-    assert "loyalty_rpc" in ready.body["reasons"]
+    health = (await relay.get("/health")).body["loyalty_rpc"]
+    assert health["connected"] is False
+    assert health["last_error"]
+    assert metric(relay, "relay_loyalty_rpc_connected") == 0
     fault_proxy.restore()
     await wait_for(link.connected.is_set, timeout=15, what="the RPC link to heal")
     answer = await relay.post(CHECK, fixture_bytes("loyalty.check_reward.json"))
     assert answer.status == 200
+    assert (await relay.get("/health")).body["loyalty_rpc"]["connected"] is True
 
 
 async def test_redeem_retry_at_another_relay_gets_the_first_answer_through_redis(
