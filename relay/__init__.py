@@ -2,7 +2,8 @@
 
 The package is one small module per stage of the pipeline: ``settings``, ``logs``, ``auth``,
 ``ingest``, ``dedup``, ``routing``, ``publish``, ``spool``, ``forward``, ``health``, ``metrics``,
-``app``, ``service`` and ``systemd``. ``relay.cli`` is the command line.
+``app``, ``service`` and ``systemd``; RETM's own flows are ``tokens``, ``install``, ``loyalty``
+and ``rpc``. ``relay.cli`` is the command line.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import structlog
 from aiohttp import hdrs, web
 
 from relay.access import Access
@@ -19,13 +20,17 @@ from relay.dedup import DedupStore, MemoryDedupStore
 from relay.dedup_redis import RedisDedupStore, connect, redis_address
 from relay.forward import Forwarder, StoreAndForward
 from relay.health import Health
-from relay.ingest import Ingest, error_response
+from relay.ingest import Deliver, Ingest, error_response
+from relay.install import InstallFlow, Outbox
+from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
 from relay.routing import Router
+from relay.rpc import RpcLink
 from relay.settings import Settings
 from relay.spool import Spool
 from relay.status import StatusPage
+from relay.tokens import TokenRegistry, open_store
 from relay.workers import WorkerInfo, state_name
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -46,6 +51,9 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 #: seconds the start waits for the broker's first answer (a topology mismatch then stops the
 #: start); a broker still silent after that no longer holds it up: events are spooled
 BROKER_START_WAIT = 1.0
+TOKENS = web.AppKey("tokens", TokenRegistry)
+INSTALL = web.AppKey("install", InstallFlow)
+LOYALTY = web.AppKey("loyalty", Loyalty)
 
 
 @web.middleware
@@ -119,7 +127,7 @@ def make_app(
     ).deliver
 
     ingest = Ingest(
-        authenticator=TokenAuthenticator(settings.auth.tokens),
+        authenticator=TokenAuthenticator(settings.auth.tokens, clock=clock),
         router=router,
         dedup=store,
         deliver=deliver,
@@ -166,6 +174,7 @@ def make_app(
         app[REDIS_DEDUP] = redis_dedup
         _watch_redis(health, metrics, redis_dedup)
         app.cleanup_ctx.append(_redis_link)
+    _add_flows(app, deliver, clock)
     return app
 
 
@@ -326,3 +335,115 @@ async def _redis_link(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     yield
     await store.close()
+
+
+def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float]) -> None:
+    """RETM's own flows: the token registry (always), the install route (``install.enabled``)
+    and the loyalty RPC routes (``loyalty.enabled``), with their resources after the broker's."""
+    settings, metrics, health, ingest = app[SETTINGS], app[METRICS], app[HEALTH], app[INGEST]
+    registry = TokenRegistry(
+        open_store(
+            settings.install.store,
+            settings.state.dir,
+            settings.dedup.redis_url.value,
+            settings.install.redis_key,
+        ),
+        ingest.authenticator,
+        clock=clock,
+    )
+    app[TOKENS] = registry
+    health.add_check(
+        "tokens",
+        lambda: (
+            None
+            if registry.loaded.is_set()
+            else f"token registry not loaded: {registry.last_error or 'loading'}"
+        ),
+    )
+    health.add_detail("tokens", registry.status)
+    metrics.gauge_callback(
+        "relay_registry_tokens", "Tokens in the per-merchant registry.", lambda: len(registry)
+    )
+    app.cleanup_ctx.append(_token_registry)
+
+    if settings.loyalty.enabled:
+        link = RpcLink(settings.amqp, metrics)
+        cache: ReplyCache = (
+            RedisReplyCache(
+                settings.dedup.redis_url.value, settings.loyalty.redis_key, settings.dedup.ttl
+            )
+            if settings.dedup.backend == "redis"
+            else MemoryReplyCache(settings.dedup.ttl, settings.loyalty.cache_max_entries, clock)
+        )
+        loyalty = Loyalty(
+            settings=settings.loyalty,
+            link=link,
+            ingest=ingest,
+            cache=cache,
+            metrics=metrics,
+            key_fields=settings.dedup.key_fields,
+        )
+        app[LOYALTY] = loyalty
+        app.router.add_post(settings.loyalty.check_reward_path, loyalty.check_reward)
+        app.router.add_post(settings.loyalty.redeem_reward_path, loyalty.redeem_reward)
+        # Reported, not a readiness check: while the RPC link is down the loyalty hooks still
+        # answer (the fallback, at once), and readiness gates the events too.
+        health.add_detail("loyalty_rpc", link.status)
+        metrics.gauge_callback(
+            "relay_loyalty_rpc_connected",
+            "1 while the loyalty RPC link (with its reply consumer) is up.",
+            lambda: 1 if link.connected.is_set() else 0,
+        )
+        app.cleanup_ctx.append(_rpc_link)
+
+    if settings.install.enabled:
+        outbox = Outbox(settings.state.dir)
+        flow = InstallFlow(
+            settings=settings.install,
+            registry=registry,
+            outbox=outbox,
+            deliver=deliver,
+            router=ingest.router,
+            metrics=metrics,
+            key_fields=settings.dedup.key_fields,
+            max_body_bytes=settings.http.max_body_bytes,
+            clock=clock,
+        )
+        app[INSTALL] = flow
+        app.router.add_post(settings.install.path, flow.handle)
+        health.add_detail("install", lambda: {"outbox_pending": outbox.pending})
+        metrics.gauge_callback(
+            "relay_install_outbox_pending",
+            "app.installed events stored but not yet published.",
+            lambda: outbox.pending,
+        )
+        app.cleanup_ctx.append(_install_outbox)
+
+
+async def _token_registry(app: web.Application) -> AsyncIterator[None]:
+    registry = app[TOKENS]
+    await registry.start()
+    yield
+    await registry.close()
+
+
+async def _rpc_link(app: web.Application) -> AsyncIterator[None]:
+    loyalty = app[LOYALTY]
+    await loyalty.link.start()
+    yield
+    await loyalty.link.close()
+    await loyalty.cache.close()
+
+
+async def _install_outbox(app: web.Application) -> AsyncIterator[None]:
+    flow = app[INSTALL]
+    settings = app[SETTINGS].install
+    if settings.path == "/retm/install" and not settings.require_data:
+        structlog.get_logger("relay.install").warning(
+            "install.unprotected",
+            detail="install.enabled with the default path and no require_data: anyone who "
+            "reaches the relay can mint a token; set an unguessable install.path",
+        )
+    await flow.start()
+    yield
+    await flow.close()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,22 +56,31 @@ class TokenAuthenticator:
 
     tokens: the ``auth.tokens`` settings. ``add_digest``/``remove_digest`` let a token registry
     (per-merchant tokens from the install flow) change the set while the relay runs.
+    clock: wall-clock seconds (``time.time``), against which a token's ``expires_at`` is checked.
     """
 
-    __slots__ = ("_by_digest",)
+    __slots__ = ("_by_digest", "_clock")
 
-    def __init__(self, tokens: Iterable[TokenSpec] = ()) -> None:
-        self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
+    def __init__(
+        self, tokens: Iterable[TokenSpec] = (), *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._by_digest: dict[bytes, tuple[bytes, Principal, float | None]] = {}
+        self._clock = clock
         for spec in tokens:
             self.add_digest(token_digest(spec.token.value), spec.business)
 
     def __len__(self) -> int:
         return len(self._by_digest)
 
-    def add_digest(self, digest: bytes, business: str | None) -> Principal:
-        """Accept the token whose SHA-256 is ``digest``; returns its principal."""
+    def add_digest(
+        self, digest: bytes, business: str | None, expires_at: float | None = None
+    ) -> Principal:
+        """Accept the token whose SHA-256 is ``digest``; returns its principal.
+
+        expires_at: Unix time from which the token is refused (a rotated token's end of
+        grace), or ``None`` for no end."""
         principal = principal_for(digest, business)
-        self._by_digest[digest] = (digest, principal)
+        self._by_digest[digest] = (digest, principal, expires_at)
         return principal
 
     def remove_digest(self, digest: bytes) -> None:
@@ -90,6 +100,8 @@ class TokenAuthenticator:
         entry = self._by_digest.get(digest)
         if entry is None:
             return "invalid"
-        stored, principal = entry
+        stored, principal, expires_at = entry
+        if expires_at is not None and self._clock() >= expires_at:
+            return "invalid"
         # Final check on bytes in constant time, whatever the dict lookup did.
         return principal if hmac.compare_digest(stored, digest) else "invalid"

@@ -185,6 +185,14 @@ def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
+    """Manage the per-merchant token registry (``install.store``) while the daemon runs."""
+    from relay.tokens_cli import run_tokens  # noqa: PLC0415 - keep other commands light
+
+    code: int = _run(run_tokens(settings, args))
+    return code
+
+
 Command = Callable[[Settings, argparse.Namespace], int]
 
 
@@ -306,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="only check that everything exists (as amqp.passive does), declare nothing",
     )
     add_spool_commands(add, common)
+    tokens = add(
+        "tokens",
+        cmd_tokens,
+        "list, add, rotate or revoke per-merchant webhook tokens (works while the relay runs)",
+        "retm-relay tokens rotate nakheelember --grace 3600",
+    )
+    from relay.tokens_cli import add_arguments  # noqa: PLC0415
+
+    add_arguments(tokens)
     return parser
 
 

@@ -247,6 +247,22 @@ def body_business(body: Mapping[str, Any]) -> str | None:
     return _text(body.get("business_refrence")) or _text(body.get("business_reference"))
 
 
+MISMATCH_HEADER = "x-relay-business-mismatch"
+
+
+def merchant(principal: Principal, body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(business, mismatch) of a webhook: the token's merchant when the token names one (a
+    registry token, or a bound ``auth.tokens`` entry), else the body's business; ``mismatch``
+    is the body's business when it names another merchant than the token (letter case aside).
+    RETM often sends ``business_refrence`` empty, so the token is the reliable source."""
+    named = body_business(body)
+    if principal.business is None:
+        return named, None
+    if named is not None and named.lower() != principal.business.lower():
+        return principal.business, named
+    return principal.business, None
+
+
 class Ingest:
     """The webhook handlers (``events``, ``errors``) and their dependencies.
 
@@ -330,10 +346,14 @@ class Ingest:
         started: float,
     ) -> web.StreamResponse:
         body, principal = hook.body, hook.principal
-        business = principal.business or body_business(body)
+        business, mismatch = merchant(principal, body)
         route = self.router.route(event, business, body.get("branch_id"))
         key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
         headers = contract_headers(event, business, body, hook.received_at)
+        if mismatch is not None:
+            headers[MISMATCH_HEADER] = mismatch
+            self.metrics.business_mismatch()
+            log.warning("webhook.business_mismatch", business=business, body_business=mismatch)
         if event == UNRECOGNIZED and isinstance(raw_event, str):
             headers["x-retm-event-raw"] = raw_event[:MAX_HEADER_VALUE]
         answer = {"id": key, "routing_key": route.routing_key}

@@ -114,6 +114,36 @@ class Metrics:
         self._broker_connected = Gauge(
             "relay_broker_connected", "1 while the broker link and topology are up.", registry=r
         )
+        self._business_mismatch = Counter(
+            "relay_business_mismatch",
+            "Events whose body names another business than the token's merchant (published, "
+            "flagged with x-relay-business-mismatch).",
+            registry=r,
+        )
+        self._installs = Counter(
+            "relay_installs",
+            "RETM install callbacks by outcome (accepted, rejected, forbidden, unavailable).",
+            ["outcome"],
+            registry=r,
+        )
+        self._loyalty = Counter(
+            "relay_loyalty_requests",
+            "Loyalty hook requests by hook and outcome (answered, cached, fallback_<reason>).",
+            ["hook", "outcome"],
+            registry=r,
+        )
+        self._loyalty_seconds = Histogram(
+            "relay_loyalty_rpc_seconds",
+            "Time from publishing a loyalty request to its responder's reply.",
+            ["hook"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._loyalty_late = Counter(
+            "relay_loyalty_late_replies",
+            "Loyalty replies that arrived after their request's deadline (discarded).",
+            registry=r,
+        )
         info = Gauge("relay_info", "Build information.", ["version"], registry=r)
         info.labels(__version__).set(1)
         Gauge("relay_start_time_seconds", "Start time of the process (Unix time).", registry=r).set(
@@ -217,6 +247,27 @@ class Metrics:
     def spool_write(self, seconds: float) -> None:
         """One spooled event became durable ``seconds`` after it was handed to the spool."""
         self._spool_write_seconds.observe(seconds)
+
+    def business_mismatch(self) -> None:
+        """An event whose body names another business than its token's merchant."""
+        self._business_mismatch.inc()
+        self.counts["business_mismatch"] = self.counts.get("business_mismatch", 0) + 1
+
+    def install(self, outcome: str) -> None:
+        """An install callback answered with ``outcome``."""
+        self._child(self._installs, outcome).inc()
+
+    def loyalty(self, hook: str, outcome: str, rpc_seconds: float | None = None) -> None:
+        """A loyalty request on ``hook`` (``check_reward``, ``redeem_reward``) answered with
+        ``outcome``; ``rpc_seconds`` from publish to reply when a responder answered."""
+        self._child(self._loyalty, hook, outcome).inc()
+        if rpc_seconds is not None:
+            self._child(self._loyalty_seconds, hook).observe(rpc_seconds)
+
+    def loyalty_late_reply(self) -> None:
+        """A loyalty reply that came after its deadline, or for no known request."""
+        self._loyalty_late.inc()
+        self.counts["loyalty_late_replies"] = self.counts.get("loyalty_late_replies", 0) + 1
 
     def in_flight(self, delta: int) -> None:
         """Requests being handled changed by ``delta``."""

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
+import orjson
+
 from relay.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/retm-relay/relay.toml")
@@ -159,6 +161,55 @@ class SpoolSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class InstallSettings:
+    """RETM's app-install callback (retm/webhooks.md §3.8) and the per-merchant token registry.
+
+    enabled: the install route exists only when true. path: where RETM posts the callback; make
+    it unguessable (``/retm/install/<random>``), since whoever reaches it can mint a token.
+    require_data: keys and values the callback's ``data`` must hold (your own query parameters
+    from the authorization link, such as a ``state`` secret); a mismatch answers 403.
+    settings_url: the ``url`` of the answer (your app's settings page; empty: no ``url``).
+    token_grace: seconds an older token of a merchant stays valid after a new install rotates it.
+    store: where the registry lives: ``state`` (SQLite in ``state.dir``) or ``redis``
+    (``dedup.redis_url``, shared by every relay instance). redis_key: the key prefix there.
+    """
+
+    enabled: bool = False
+    path: str = field(default="/retm/install", repr=False)
+    require_data: dict[str, str] = field(default_factory=dict, repr=False)
+    settings_url: str = ""
+    token_grace: float = 86_400.0
+    store: Literal["state", "redis"] = "state"
+    redis_key: str = "retm-relay:tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class LoyaltySettings:
+    """RETM's synchronous loyalty hooks (retm/webhooks.md §3.5, §3.6), answered over RabbitMQ
+    RPC (direct reply-to).
+
+    enabled: the two routes and the RPC link exist only when true.
+    timeout: seconds to wait for a responder's reply (below RETM's 10 s).
+    fallback_status, fallback_body: the answer when no responder is bound, none replies in time,
+    or the link is down; by default RETM's "invalid reward" shape (400, ``message``, ``errors``).
+    cache_max_entries: most redeem answers kept in memory (for ``dedup.ttl``) to answer RETM's
+    retries. With ``dedup.backend = "redis"`` they are kept in Redis under ``redis_key``.
+    """
+
+    enabled: bool = True
+    check_reward_path: str = "/retm/loyalty/check-reward"
+    redeem_reward_path: str = "/retm/loyalty/redeem-reward"
+    timeout: float = 5.0
+    fallback_status: int = 400
+    fallback_body: str = (
+        '{"data":[],"message":"The reward cannot be checked right now, please try again.",'
+        '"errors":["loyalty system unavailable"]}'
+    )
+    cache_max_entries: int = 100_000
+    redis_key: str = "retm-relay:loyalty"
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """Log level and format: ``auto`` is JSON lines unless stdout is a terminal."""
 
@@ -201,11 +252,15 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    install: InstallSettings = field(default_factory=InstallSettings)
+    loyalty: LoyaltySettings = field(default_factory=LoyaltySettings)
     consumers: ConsumerSettings = field(default_factory=ConsumerSettings)
     source: str = "defaults"
 
 
-_SECRET_KEYS = frozenset({"auth.tokens", "amqp.url", "dedup.redis_url"})
+_SECRET_KEYS = frozenset(
+    {"auth.tokens", "amqp.url", "dedup.redis_url", "install.path", "install.require_data"}
+)
 
 
 def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -389,7 +444,9 @@ def _from_env(key: str, tp: Any, text: str, *, multiline: bool = False) -> Any:
         return tuple(p.strip() for p in text.split(",") if p.strip())
     if origin is dict:
         mapping: dict[str, str] = {}
-        for part in (p.strip() for p in text.split(",") if p.strip()):
+        for part in (p.strip() for p in re.split(r"[,\n]" if multiline else ",", text)):
+            if not part:
+                continue
             name, sep, value = part.partition("=")
             if not sep:
                 raise ConfigError(key, "must be name=value pairs separated by commas")
@@ -578,6 +635,7 @@ def validate(s: Settings) -> None:
         "must be at least http.max_body_bytes + 65536 (room for the largest event)",
     )
     _check(s.spool.max_events >= 1, "spool.max_events", "must be at least 1")
+    _validate_flows(s)
     _validate_consumers(s)
 
 
@@ -704,6 +762,50 @@ def _mask_url(value: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def _validate_flows(s: Settings) -> None:
+    """The install and loyalty sections: paths distinct from the webhook paths, sane times."""
+    taken = {s.http.events_path: "http.events_path", s.http.errors_path: "http.errors_path"}
+    for key, path, enabled in (
+        ("install.path", s.install.path, s.install.enabled),
+        ("loyalty.check_reward_path", s.loyalty.check_reward_path, s.loyalty.enabled),
+        ("loyalty.redeem_reward_path", s.loyalty.redeem_reward_path, s.loyalty.enabled),
+    ):
+        _check(path.startswith("/") and " " not in path, key, "must be a path starting with /")
+        if enabled:
+            _check(path not in taken, key, f"must differ from {taken.get(path)}")
+            taken[path] = key
+    for name, value in s.install.require_data.items():
+        _check(bool(name) and bool(value), "install.require_data", "keys and values must be set")
+    url = urlsplit(s.install.settings_url)
+    _check(
+        not s.install.settings_url or (url.scheme in {"http", "https"} and bool(url.hostname)),
+        "install.settings_url",
+        "must be an http:// or https:// URL, or empty",
+    )
+    _check(0 <= s.install.token_grace <= 90 * 86_400, "install.token_grace", "must be 0-90 days")
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", s.install.redis_key)),
+        "install.redis_key",
+        "must be 1-100 of letters, digits, '_.:-'",
+    )
+    _check(0 < s.loyalty.timeout <= 9, "loyalty.timeout", "must be in (0, 9] seconds")
+    _check(
+        200 <= s.loyalty.fallback_status <= 599,
+        "loyalty.fallback_status",
+        "must be an HTTP status (200-599)",
+    )
+    try:
+        orjson.loads(s.loyalty.fallback_body)
+    except orjson.JSONDecodeError:
+        raise ConfigError("loyalty.fallback_body", "must be valid JSON") from None
+    _check(s.loyalty.cache_max_entries >= 1, "loyalty.cache_max_entries", "must be at least 1")
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", s.loyalty.redis_key)),
+        "loyalty.redis_key",
+        "must be 1-100 of letters, digits, '_.:-'",
+    )
+
+
 def describe(s: Settings) -> dict[str, Any]:
     """The settings as plain data with every secret masked, for ``check-config`` and logs."""
 
@@ -723,4 +825,7 @@ def describe(s: Settings) -> dict[str, Any]:
         return value
 
     result: dict[str, Any] = plain(s)
+    # The install path and its required data are capabilities: show their shape, not value.
+    result["install"]["path"] = s.install.path.rsplit("/", 1)[0] + "/********"
+    result["install"]["require_data"] = dict.fromkeys(s.install.require_data, "********")
     return result

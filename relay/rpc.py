@@ -1,0 +1,297 @@
+"""The loyalty RPC link: requests over RabbitMQ with direct reply-to, replies by correlation id.
+
+RabbitMQ's direct reply-to needs a no-ack consumer on ``amq.rabbitmq.reply-to`` on the very
+channel that publishes the requests, so the link is its own connection, separate from the
+publisher's. It is supervised like the publisher's link rather than by aio-pika's
+``connect_robust``: a request must fail at once while the link is down (the cashier gets the
+fallback instead of waiting), the first connection attempt must not block the start when the
+broker is down, and a request in flight when the link drops gets its answer at once (its reply
+could only come to the old channel). The consumer is created anew on each channel.
+
+Requests are published with publisher confirms and ``mandatory``: when no queue is bound for the
+routing key, the broker returns the request and the caller learns at once that no responder
+exists. A reply whose correlation id is not waited for (it came after its deadline) is counted
+and dropped, so it can never answer another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import aiormq.abc
+import orjson
+import structlog
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.exceptions import AMQPError, DeliveryError, PublishError
+from pamqp import commands as spec
+
+from relay import __version__
+from relay.metrics import Metrics
+from relay.publish import APP_ID, CONTENT_TYPE, broker_address
+from relay.routing import Route
+from relay.settings import AmqpSettings
+
+log = structlog.get_logger("relay.rpc")
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+STATUS_HEADER = "x-http-status"
+TRANSIENT = 1
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+
+
+class NoAnswer(Exception):
+    """No usable reply: ``reason`` is ``no_responder``, ``timeout``, ``disconnected``,
+    ``nacked`` or ``bad_reply``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer for RETM: HTTP ``status`` and JSON ``body`` bytes."""
+
+    status: int
+    body: bytes
+
+
+def parse_reply(message: aiormq.abc.DeliveredMessage) -> Reply:
+    """The Reply a responder sent: its body (which must be JSON) and the HTTP status in its
+    ``x-http-status`` header (an integer or digits, 200-599; 200 when absent).
+    Raises NoAnswer("bad_reply")."""
+    headers = message.header.properties.headers or {}
+    raw_status = headers.get(STATUS_HEADER, 200)
+    if isinstance(raw_status, bytes | bytearray):
+        raw_status = raw_status.decode("ascii", "replace")
+    if isinstance(raw_status, str) and raw_status.strip().isdigit():
+        raw_status = int(raw_status)
+    if not isinstance(raw_status, int) or isinstance(raw_status, bool):
+        raise NoAnswer("bad_reply", f"{STATUS_HEADER} is not a number")
+    status = raw_status
+    if not 200 <= status <= 599:
+        raise NoAnswer("bad_reply", f"{STATUS_HEADER} {status} is not in 200-599")
+    body = bytes(message.body)
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise NoAnswer("bad_reply", "the reply body is not JSON") from None
+    return Reply(status, body)
+
+
+@dataclass(slots=True)
+class _Link:
+    connection: aio_pika.abc.AbstractConnection
+    underlay: aiormq.abc.AbstractChannel
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_reason: str = ""
+
+
+class RpcLink:
+    """The RPC connection: publishes requests (confirmed, mandatory) and receives replies.
+
+    settings: ``amqp.*`` (URL, timeouts, heartbeat). metrics: counts late replies.
+    ``connected`` is set while the channel and its reply consumer are up.
+    """
+
+    def __init__(self, settings: AmqpSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.connected = asyncio.Event()
+        self.address = broker_address(settings.url.value)
+        self.last_error = ""
+        self.late_replies = 0
+        self._url = aio_pika.connection.make_url(settings.url.value)
+        if "heartbeat" not in self._url.query:
+            self._url = self._url.update_query(heartbeat=str(settings.heartbeat))
+        self._link: _Link | None = None
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self._first_attempt: asyncio.Future[None] | None = None
+
+    def status(self) -> dict[str, Any]:
+        """Link state for ``/health``."""
+        return {
+            "connected": self.connected.is_set(),
+            "address": self.address,
+            "in_flight": len(self._pending),
+            "late_replies": self.late_replies,
+            "last_error": self.last_error or None,
+        }
+
+    async def start(self) -> None:
+        """Start the link; returns after the first connection attempt, successful or not."""
+        loop = asyncio.get_running_loop()
+        self._first_attempt = loop.create_future()
+        self._supervisor = loop.create_task(self._supervise(), name="relay-rpc-link")
+        await asyncio.shield(self._first_attempt)
+
+    async def close(self) -> None:
+        """Stop reconnecting, fail what waits, close the connection."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        link, self._link = self._link, None
+        self.connected.clear()
+        self._fail_pending("relay stopping")
+        if link is not None:
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await link.connection.close()
+
+    async def _supervise(self) -> None:
+        delay = RECONNECT_MIN
+        while True:
+            try:
+                link = await self._connect()
+            except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+            else:
+                delay = RECONNECT_MIN
+                self._link, self.last_error = link, ""
+                self.connected.set()
+                log.info("rpc.connected", broker=self.address)
+                self._settle_first()
+                try:
+                    await link.closed.wait()
+                finally:
+                    self._link = None
+                    self.connected.clear()
+                    self._fail_pending(link.close_reason)
+                self.last_error = link.close_reason or "connection closed"
+                log.warning("rpc.disconnected", broker=self.address, error=self.last_error)
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                    async with asyncio.timeout(1):
+                        await link.connection.close()
+                continue
+            self._settle_first()
+            await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    def _settle_first(self) -> None:
+        if self._first_attempt is not None and not self._first_attempt.done():
+            self._first_attempt.set_result(None)
+
+    async def _connect(self) -> _Link:
+        connection = aio_pika.Connection(
+            self._url,
+            client_properties={
+                "connection_name": f"retm-relay rpc {socket.gethostname()} pid {os.getpid()}",
+                "product": "retm-relay",
+                "version": __version__,
+            },
+        )
+        try:
+            await connection.connect(timeout=self.settings.connect_timeout)
+        except BaseException:
+            # Close the failed attempt here: an unclosed Connection closes itself from
+            # __del__, which breaks when the garbage collector runs on another thread.
+            await connection.close()
+            raise
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
+        except BaseException:
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                await connection.close()
+            raise
+        link = _Link(connection, underlay)
+
+        def on_close(_: object, exc: BaseException | None = None) -> None:
+            if not link.closed.is_set():
+                link.close_reason = (str(exc) or type(exc).__name__) if exc else "closed"
+                link.closed.set()
+
+        connection.close_callbacks.add(on_close)
+        channel.close_callbacks.add(on_close)
+        return link
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(NoAnswer("disconnected", reason))
+
+    async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
+        correlation_id = message.header.properties.correlation_id or ""
+        future = self._pending.get(correlation_id)
+        if future is None or future.done():
+            self.late_replies += 1
+            self.metrics.loyalty_late_reply()
+            log.warning("loyalty.late_reply", correlation_id=correlation_id[:64])
+            return
+        try:
+            future.set_result(parse_reply(message))
+        except NoAnswer as exc:
+            future.set_exception(exc)
+
+    async def call(
+        self,
+        body: bytes,
+        route: Route,
+        *,
+        event: str,
+        message_id: str | None,
+        headers: dict[str, Any],
+        received_at: float,
+        timeout: float,
+    ) -> Reply:
+        """Publish one request and wait up to ``timeout`` seconds for its reply.
+
+        message_id: the request's ``message_id`` (a fresh one when ``None``); it must be unique
+        among requests in flight (the broker returns an unroutable publish by it).
+        Raises NoAnswer.
+        """
+        link = self._link
+        if link is None:
+            raise NoAnswer("disconnected", self.last_error)
+        correlation_id = secrets.token_hex(16)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        properties = spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=TRANSIENT,
+            message_id=message_id or correlation_id,
+            correlation_id=correlation_id,
+            reply_to=REPLY_TO,
+            expiration=str(max(1, int(timeout * 1000))),
+            message_type=event,
+            timestamp=datetime.fromtimestamp(int(received_at), UTC),
+            app_id=APP_ID,
+            headers=headers,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await link.underlay.basic_publish(
+                        body,
+                        exchange=route.exchange,
+                        routing_key=route.routing_key,
+                        properties=properties,
+                        mandatory=True,
+                    )
+                except PublishError:
+                    raise NoAnswer(
+                        "no_responder", f"no queue bound for {route.routing_key}"
+                    ) from None
+                except DeliveryError:
+                    raise NoAnswer("nacked", "the broker refused the request") from None
+                except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
+                    raise NoAnswer("disconnected", str(exc)) from None
+                return await future
+        except TimeoutError:
+            raise NoAnswer("timeout", f"no reply within {timeout}s") from None
+        finally:
+            del self._pending[correlation_id]
