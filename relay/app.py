@@ -20,8 +20,8 @@ from relay.dedup import DedupStore, MemoryDedupStore
 from relay.dedup_redis import RedisDedupStore, connect, redis_address
 from relay.forward import Forwarder, StoreAndForward
 from relay.health import Health
-from relay.ingest import Deliver, Ingest, error_response
-from relay.install import InstallFlow, Outbox
+from relay.ingest import Ingest, error_response
+from relay.install import InstallFlow
 from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
@@ -174,7 +174,7 @@ def make_app(
         app[REDIS_DEDUP] = redis_dedup
         _watch_redis(health, metrics, redis_dedup)
         app.cleanup_ctx.append(_redis_link)
-    _add_flows(app, deliver, clock)
+    _add_flows(app, clock)
     return app
 
 
@@ -337,7 +337,7 @@ async def _redis_link(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float]) -> None:
+def _add_flows(app: web.Application, clock: Callable[[], float]) -> None:
     """RETM's own flows: the token registry (always), the install route (``install.enabled``)
     and the loyalty RPC routes (``loyalty.enabled``), with their resources after the broker's."""
     settings, metrics, health, ingest = app[SETTINGS], app[METRICS], app[HEALTH], app[INGEST]
@@ -397,12 +397,10 @@ def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float
         app.cleanup_ctx.append(_rpc_link)
 
     if settings.install.enabled:
-        outbox = Outbox(settings.state.dir)
         flow = InstallFlow(
             settings=settings.install,
             registry=registry,
-            outbox=outbox,
-            deliver=deliver,
+            spool=app[SPOOL],
             router=ingest.router,
             metrics=metrics,
             key_fields=settings.dedup.key_fields,
@@ -411,13 +409,12 @@ def _add_flows(app: web.Application, deliver: Deliver, clock: Callable[[], float
         )
         app[INSTALL] = flow
         app.router.add_post(settings.install.path, flow.handle)
-        health.add_detail("install", lambda: {"outbox_pending": outbox.pending})
-        metrics.gauge_callback(
-            "relay_install_outbox_pending",
-            "app.installed events stored but not yet published.",
-            lambda: outbox.pending,
-        )
-        app.cleanup_ctx.append(_install_outbox)
+        if settings.install.path == "/retm/install" and not settings.install.require_data:
+            structlog.get_logger("relay.install").warning(
+                "install.unprotected",
+                detail="install.enabled with the default path and no require_data: anyone who "
+                "reaches the relay can mint a token; set an unguessable install.path",
+            )
 
 
 async def _token_registry(app: web.Application) -> AsyncIterator[None]:
@@ -433,17 +430,3 @@ async def _rpc_link(app: web.Application) -> AsyncIterator[None]:
     yield
     await loyalty.link.close()
     await loyalty.cache.close()
-
-
-async def _install_outbox(app: web.Application) -> AsyncIterator[None]:
-    flow = app[INSTALL]
-    settings = app[SETTINGS].install
-    if settings.path == "/retm/install" and not settings.require_data:
-        structlog.get_logger("relay.install").warning(
-            "install.unprotected",
-            detail="install.enabled with the default path and no require_data: anyone who "
-            "reaches the relay can mint a token; set an unguessable install.path",
-        )
-    await flow.start()
-    yield
-    await flow.close()

@@ -271,7 +271,7 @@ async def test_app_installed_is_published_after_a_broker_outage(
     fault_proxy: FaultProxy,
 ) -> None:
     """The install answer does not wait for the broker: with the link cut the merchant still
-    gets a working token at once, and app.installed is published from the outbox once the
+    gets a working token at once, and app.installed is published from the spool once the
     broker is back."""
     tap = await broker.tap(names.exchange, "app.#")
     relay = await start_flow_relay(RELAY_AMQP_URL=proxy_url(fault_proxy, heartbeat=1))
