@@ -6,6 +6,7 @@ Callers catch these narrow types; anything else is a bug and is logged with its 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class RelayError(Exception):
@@ -39,12 +40,13 @@ class BrokerUnavailable(RelayError):
     """
 
     def __init__(
-        self, reason: str, detail: str = "", pending: asyncio.Task[bool] | None = None
+        self, reason: str, detail: str = "", pending: asyncio.Future[Any] | None = None
     ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
-        #: after a ``timeout``, the publish still under way (it may yet be confirmed)
+        #: after a ``timeout``, the confirmation still to come (a result: confirmed after all;
+        #: an exception: not confirmed)
         self.pending = pending
 
 

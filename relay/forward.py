@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -52,7 +53,7 @@ class StoreAndForward:
         (fsynced to the spool). Raises BrokerUnavailable (``spool_full``, ``spool_error``)
         when neither is possible, so the webhook answers 503."""
         publisher, spool = self.publisher, self.spool
-        pending: asyncio.Task[bool] | None = None
+        pending: asyncio.Future[Any] | None = None
         if spool.depth:
             reason = "queued"  # behind events already spooled: keep the spool's order
         elif not publisher.connected.is_set():

@@ -6,6 +6,13 @@ publish; many publishes are in flight at once and RabbitMQ acknowledges them in 
 routing key, the broker returns it and the relay republishes it to the unrouted exchange, with
 the intended routing key in a header, before it answers. An event is never dropped.
 
+Publishes go out through ``_Sender``: the frames of every publish made during one event-loop
+turn are marshalled by ``relay.wire`` and written in one go, with their confirmations
+registered on aiormq's channel exactly as its own ``basic_publish`` registers them, so acks,
+nacks, returns and a channel close settle them the usual way. (aiormq's ``basic_publish``
+marshals each frame with pamqp and wakes its writer once per message; under load that was most
+of the relay's time per webhook.)
+
 The link is supervised here rather than by aio-pika's ``connect_robust``, for three reasons the
 relay's contract needs: a topology mismatch at start-up must stop the start instead of being
 retried forever; a publish must fail *at once* while the link is down (so the caller answers 503
@@ -23,7 +30,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -31,19 +38,20 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.abc import ChannelFrame
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from aiormq.exceptions import (
     AMQPError,
+    ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
     DeliveryError,
     ProbableAuthenticationError,
     PublishError,
 )
-from pamqp import commands as spec
 from yarl import URL
 
-from relay import __version__
+from relay import __version__, wire
 from relay.errors import BrokerUnavailable, TopologyError
 from relay.metrics import Metrics
 from relay.routing import Route, Router
@@ -77,18 +85,65 @@ class Envelope:
     received_at: float
     headers: dict[str, Any] = field(default_factory=dict)
 
-    def properties(self, extra_headers: dict[str, Any] | None = None) -> spec.Basic.Properties:
-        """The AMQP basic properties of the message contract."""
-        headers = {**self.headers, **extra_headers} if extra_headers else self.headers
-        return spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=PERSISTENT,
-            message_id=self.message_id,
-            message_type=self.event,
-            timestamp=datetime.fromtimestamp(int(self.received_at), UTC),
-            app_id=APP_ID,
-            headers=headers,
-        )
+
+class _Sender:
+    """Writes the Basic.Publish frames made during one event-loop turn in one write.
+
+    Each ``send`` returns the publish's confirmation future. At the end of the turn, ``_flush``
+    gives every publish of the batch the channel's next delivery tag and registers its future in
+    the channel's ``confirmations`` (and its message_id for returns), exactly as aiormq's
+    ``basic_publish`` does, then hands the frames to the connection's writer as one frame group.
+    Tags are assigned and frames queued in one synchronous step, so they stay in the order the
+    broker numbers them, also alongside aiormq's own ``basic_publish`` on the same channel.
+    """
+
+    __slots__ = ("_batch", "_loop", "channel", "max_content", "number")
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self.channel = channel
+        self.number = channel.number
+        self.max_content = channel.max_content_size
+        self._loop = asyncio.get_running_loop()
+        self._batch: list[tuple[bytes, str, asyncio.Future[Any]]] = []
+
+    def send(self, frames: bytes, message_id: str) -> asyncio.Future[Any]:
+        """Queue the frames of one publish; its future settles with the broker's answer (the
+        Basic.Ack frame; PublishError when returned, DeliveryError when nacked, an AMQPError
+        when the channel closes first)."""
+        future: asyncio.Future[Any] = self.channel.create_future()
+        if not self._batch:
+            self._loop.call_soon(self._flush)
+        self._batch.append((frames, message_id, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        channel = self.channel
+        if channel.is_closed:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(ChannelInvalidStateError(f"channel {channel} closed"))
+            return
+        parts = []
+        confirmations, by_message_id = channel.confirmations, channel.message_id_delivery_tag
+        for frames, message_id, future in batch:
+            if future.done():  # failed while waiting for this turn (the link died)
+                continue
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            confirmations[tag] = future
+            by_message_id[message_id] = tag
+            future.add_done_callback(partial(_forget_message_id, by_message_id, message_id, tag))
+            parts.append(frames)
+        if parts:
+            channel.write_queue.put_nowait(
+                ChannelFrame(payload=b"".join(parts), should_close=False)
+            )
+
+
+def _forget_message_id(table: dict[str, int], message_id: str, tag: int, _: object) -> None:
+    if table.get(message_id) == tag:
+        del table[message_id]
 
 
 @dataclass(slots=True)
@@ -96,13 +151,23 @@ class _Link:
     connection: aio_pika.abc.AbstractConnection
     channel: aio_pika.abc.AbstractChannel
     underlay: aiormq.Channel
+    sender: _Sender
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     #: loop time of the broker's latest answer (confirm, nack, return) to a publish
     last_reply: float = 0.0
-    #: publishes on this link still waiting for their confirm -> loop time they were sent
-    inflight: dict[asyncio.Task[bool], float] = field(default_factory=dict)
+    #: confirmations on this link still to come -> loop time their publish was sent
+    inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
     transport: _RecordingTransport | None = None
+
+    def settled(self, confirmation: asyncio.Future[Any]) -> None:
+        """A confirmation settled: forget it; any answer of the broker (ack, nack, return)
+        counts as a sign of life for stall detection."""
+        self.inflight.pop(confirmation, None)
+        if not confirmation.cancelled():
+            error = confirmation.exception()
+            if error is None or isinstance(error, PublishError | DeliveryError):
+                self.last_reply = asyncio.get_running_loop().time()
 
     def mark_closed(self, reason: str) -> None:
         if not self.closed.is_set():
@@ -294,8 +359,9 @@ class Publisher:
             self.metrics.broker_connected(False)
             # A dead link's confirms will never come: fail its publishes now rather than
             # leave their waiters to aiormq's close, which a stalled socket can hold up.
-            for task in list(link.inflight):
-                task.cancel()
+            for future in list(link.inflight):
+                if not future.done():
+                    future.set_exception(ChannelInvalidStateError("the broker link closed"))
         self.reconnects += 1
         self.last_error = link.close_reason or "connection closed"
         if not self._closing:
@@ -336,7 +402,7 @@ class Publisher:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 await connection.close()
             raise
-        link = _Link(connection, channel, underlay, transport=transport)
+        link = _Link(connection, channel, underlay, _Sender(underlay), transport=transport)
 
         def on_close(_: object, exc: BaseException | None = None) -> None:
             link.mark_closed(_describe(exc) if exc else "closed")
@@ -434,79 +500,121 @@ class Publisher:
             raise BrokerUnavailable("blocked", "the broker blocked the connection (an alarm)")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        sent_at = loop.time()
-        task = loop.create_task(self._publish_confirmed(link, envelope))
-        link.inflight[task] = sent_at
-        task.add_done_callback(lambda t: link.inflight.pop(t, None))
-        deadline = timeout or self.settings.publish_timeout
-        done, _ = await asyncio.wait((task,), timeout=deadline)
-        if not done:
-            task.add_done_callback(self._on_late_result)
-            if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
-                # Nothing at all came back since this publish went out, and the broker did not
-                # say it blocked us: the path is dead (a stall without FIN or RST). Reset the
-                # link; the supervisor reconnects.
-                log.warning("broker.stalled", broker=self.address, seconds=deadline)
-                link.mark_closed(f"no answer from the broker within {deadline:g}s (stalled)")
-                link.abort()
-            raise BrokerUnavailable("timeout", "no publisher confirm before the deadline", task)
-        if task.cancelled():
-            raise BrokerUnavailable("channel_closed", link.close_reason or "link closed")
-        routed = task.result()
-        self.metrics.published(envelope.event, time.perf_counter() - started)
-        return routed
-
-    def _on_late_result(self, task: asyncio.Task[bool]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            self.metrics.late_confirm()
-
-    async def _publish_confirmed(self, link: _Link, envelope: Envelope) -> bool:
+        seconds = timeout or self.settings.publish_timeout
+        deadline = loop.time() + seconds
         route = envelope.route
-        properties = envelope.properties()
-        loop = asyncio.get_running_loop()
         try:
+            confirmation = self._send(link, envelope, route.exchange, None)
+            if not await _settled(confirmation, deadline):
+                raise self._timed_out(link, confirmation, seconds)
             try:
-                await link.underlay.basic_publish(
-                    envelope.body,
-                    exchange=route.exchange,
-                    routing_key=route.routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    wait=False,  # the confirm is what counts; do not drain the socket per publish
-                )
+                confirmation.result()
             except PublishError:
-                link.last_reply = loop.time()
-            except DeliveryError:
-                link.last_reply = loop.time()
-                raise
+                routed = False
             else:
-                link.last_reply = loop.time()
-                return True
-            self.metrics.unroutable()
-            log.info(
-                "publish.unroutable",
-                routing_key=route.routing_key,
-                exchange=route.exchange,
-                key=envelope.message_id,
-            )
-            await link.underlay.basic_publish(
-                envelope.body,
-                exchange=self.settings.unrouted_exchange,
-                routing_key=route.routing_key,
-                properties=envelope.properties(
-                    {"x-relay-routing-key": route.routing_key, "x-relay-exchange": route.exchange}
-                ),
-                mandatory=True,
-            )
-        except PublishError:
-            raise BrokerUnavailable(
-                "returned", f"no queue bound to {self.settings.unrouted_exchange!r}"
-            ) from None
+                routed = True
+            if not routed:
+                self.metrics.unroutable()
+                log.info(
+                    "publish.unroutable",
+                    routing_key=route.routing_key,
+                    exchange=route.exchange,
+                    key=envelope.message_id,
+                )
+                extra = {
+                    "x-relay-routing-key": route.routing_key,
+                    "x-relay-exchange": route.exchange,
+                }
+                confirmation = self._send(link, envelope, self.settings.unrouted_exchange, extra)
+                if not await _settled(confirmation, deadline):
+                    raise self._timed_out(link, confirmation, seconds)
+                try:
+                    confirmation.result()
+                except PublishError:
+                    raise BrokerUnavailable(
+                        "returned", f"no queue bound to {self.settings.unrouted_exchange!r}"
+                    ) from None
         except DeliveryError:
             raise BrokerUnavailable("nacked", "the broker refused the message") from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable("channel_closed", _describe(exc)) from None
-        return False
+        self.metrics.published(envelope.event, time.perf_counter() - started)
+        return routed
+
+    def _send(
+        self,
+        link: _Link,
+        envelope: Envelope,
+        exchange: str,
+        extra_headers: dict[str, str] | None,
+    ) -> asyncio.Future[Any]:
+        """Marshal and queue one publish of ``envelope`` to ``exchange``; its confirmation."""
+        headers = {**envelope.headers, **extra_headers} if extra_headers else envelope.headers
+        sender = link.sender
+        frames = wire.publish_frames(
+            sender.number,
+            exchange,
+            envelope.route.routing_key,
+            envelope.body,
+            wire.properties(
+                content_type=CONTENT_TYPE,
+                headers=headers,
+                delivery_mode=PERSISTENT,
+                message_id=envelope.message_id,
+                timestamp=int(envelope.received_at),
+                message_type=envelope.event,
+                app_id=APP_ID,
+            ),
+            sender.max_content,
+        )
+        confirmation = sender.send(frames, envelope.message_id)
+        link.inflight[confirmation] = link.sender._loop.time()
+        confirmation.add_done_callback(link.settled)
+        return confirmation
+
+    def _timed_out(
+        self, link: _Link, confirmation: asyncio.Future[Any], seconds: float
+    ) -> BrokerUnavailable:
+        """The error for a publish whose confirm missed its deadline (it may still come:
+        ``pending``); resets a link that has answered nothing since the publish went out."""
+        confirmation.add_done_callback(self._on_late_result)
+        sent_at = link.inflight.get(confirmation, 0.0)
+        if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
+            # Nothing at all came back since this publish went out, and the broker did not
+            # say it blocked us: the path is dead (a stall without FIN or RST). Reset the
+            # link; the supervisor reconnects.
+            log.warning("broker.stalled", broker=self.address, seconds=seconds)
+            link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
+            link.abort()
+        return BrokerUnavailable(
+            "timeout", "no publisher confirm before the deadline", confirmation
+        )
+
+    def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
+        if not confirmation.cancelled() and confirmation.exception() is None:
+            self.metrics.late_confirm()
+
+
+async def _settled(future: asyncio.Future[Any], deadline: float) -> bool:
+    """Wait until ``future`` is done or the loop time reaches ``deadline``, without cancelling
+    it; whether it is done. (Lighter than ``asyncio.wait`` for the one future of a publish.)"""
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    timer = loop.call_at(deadline, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
 
 
 def _reply_text(exc: BaseException) -> str:

@@ -6,10 +6,13 @@ them, so the forwarder (``relay.forward``) publishes in spool order. The 2xx is 
 the event's row is committed with ``synchronous=FULL`` (the WAL is fsynced).
 
 Storage is one SQLite database in WAL mode (``state.dir/spool.file``) with two tables: ``events``
-(one row per spooled event: the envelope, why and when it was spooled) and ``dedup`` (delivered
-dedup keys as 16-byte digests with their expiry, so that RETM's retries after a restart are still
-absorbed). Every SQLite call runs on one dedicated writer thread that empties its queue into a
-single transaction per round (group commit): a burst of N spooled events costs one fsync, not N.
+(one row per spooled event: the envelope, why and when it was spooled) and ``dedup_log``
+(delivered dedup keys as 16-byte digests with their expiry, so that RETM's retries after a
+restart are still absorbed). ``dedup_log`` is append-only in commit order, without an index: an
+insert writes the last page only, expired keys are cut from the front by rowid, and the relay
+reads the whole log once, at start-up; a key committed twice appears twice (the later wins).
+Every SQLite call runs on one dedicated writer thread that empties its queue into a single
+transaction per round (group commit): a burst of N spooled events costs one fsync, not N.
 Results reach the event loop with ``loop.call_soon_threadsafe``. Writes that only persist
 dedup keys or delete forwarded rows commit with ``synchronous=NORMAL`` (a process crash loses
 nothing; a power loss could cost a duplicate with the same message_id).
@@ -62,11 +65,10 @@ CREATE TABLE IF NOT EXISTS events (
     reason TEXT NOT NULL,
     size INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS dedup (
-    digest BLOB PRIMARY KEY,
-    expiry INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expiry);
+CREATE TABLE IF NOT EXISTS dedup_log (
+    expiry INTEGER NOT NULL,
+    digest BLOB NOT NULL
+);
 """
 _COLUMNS = (
     "seq, message_id, exchange, routing_key, event, received_at, headers, body, spooled_at, "
@@ -148,7 +150,7 @@ def read_stats(conn: sqlite3.Connection) -> SpoolStats:
     events, size, oldest = conn.execute(
         "SELECT count(*), coalesce(sum(size), 0), min(spooled_at) FROM events"
     ).fetchone()
-    (keys,) = conn.execute("SELECT count(*) FROM dedup").fetchone()
+    (keys,) = conn.execute("SELECT count(*) FROM dedup_log").fetchone()
     return SpoolStats(events, size, oldest, keys)
 
 
@@ -219,6 +221,7 @@ class _Op:
 
 
 _STOP = object()
+_FLUSH_KEYS = object()  # wakes the writer for delivered keys waiting in Spool._keys
 
 
 class Spool:
@@ -256,7 +259,7 @@ class Spool:
         #: set whenever the forwarder may have new work (an event spooled, a hold released)
         self.changed = asyncio.Event()
         #: seq -> the publish (timed out) that may still be confirmed; not forwarded meanwhile
-        self.held: dict[int, asyncio.Task[bool]] = {}
+        self.held: dict[int, asyncio.Future[Any]] = {}
         #: seqs being deleted (confirmed); never forwarded again
         self.deleting: set[int] = set()
         #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
@@ -272,6 +275,9 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
+        #: delivered dedup keys (digest, expiry) waiting for the writer's next transaction;
+        #: appended on the event loop, swapped out by the writer thread
+        self._keys: list[tuple[int, bytes]] = []
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="relay-spool-reader")
         self._reader_conn: sqlite3.Connection | None = None
 
@@ -327,7 +333,7 @@ class Spool:
         return self.depth + 1 <= self.max_events and self.bytes + size <= self.max_bytes
 
     async def put(
-        self, envelope: Envelope, reason: str, pending: asyncio.Task[bool] | None = None
+        self, envelope: Envelope, reason: str, pending: asyncio.Future[Any] | None = None
     ) -> int:
         """Write ``envelope`` and fsync it; returns its seq. Its dedup key is persisted in the
         same transaction. ``pending``: a publish of it that timed out and may still be
@@ -371,7 +377,7 @@ class Spool:
                 "headers, body, spooled_at, reason, size) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
-            conn.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?)", (digest, expiry))
+            conn.execute("INSERT INTO dedup_log (expiry, digest) VALUES (?, ?)", (expiry, digest))
             seq = cursor.lastrowid
             assert seq is not None
             return seq
@@ -396,7 +402,7 @@ class Spool:
         self.changed.set()
         return seq
 
-    def hold(self, seq: int, pending: asyncio.Task[bool]) -> None:
+    def hold(self, seq: int, pending: asyncio.Future[Any]) -> None:
         """Keep row ``seq`` from being forwarded until ``pending`` (its timed-out publish)
         settles: confirmed -> the row is deleted (a late confirm, not a second copy); failed
         or cancelled -> the row is released to the forwarder."""
@@ -406,7 +412,7 @@ class Spool:
         self.held[seq] = pending
         pending.add_done_callback(lambda task: self._settle_hold(seq, task))
 
-    def _settle_hold(self, seq: int, task: asyncio.Task[bool]) -> None:
+    def _settle_hold(self, seq: int, task: asyncio.Future[Any]) -> None:
         self.held.pop(seq, None)
         confirmed = not task.cancelled() and task.exception() is None
         if confirmed and self.opened.is_set():
@@ -462,17 +468,14 @@ class Spool:
 
     def remember_key(self, digest: bytes, expiry: int) -> None:
         """Persist a delivered dedup key (the MemoryDedupStore ``on_commit`` hook); committed
-        with the next group, ``synchronous=NORMAL``, never awaited."""
+        with the next group in one ``executemany``, ``synchronous=NORMAL``, never awaited.
+        On the hot path this is one list append (and a wake-up for the writer when the list
+        was empty)."""
         if self.opened.is_set():
-            self._queue.put(
-                _Op(
-                    lambda conn: conn.execute(
-                        "INSERT OR REPLACE INTO dedup VALUES (?, ?)", (digest, expiry)
-                    ),
-                    "write",
-                    None,
-                )
-            )
+            keys = self._keys
+            keys.append((expiry, digest))
+            if len(keys) == 1:
+                self._queue.put(_FLUSH_KEYS)
 
     def status(self) -> dict[str, Any]:
         """The spool's state for /health."""
@@ -532,12 +535,14 @@ class Spool:
         try:
             conn = connect(self.path)
             _fsync_dir(self.path.parent)
-            now = int(self._clock())
-            conn.execute("DELETE FROM dedup WHERE expiry <= ?", (now,))
+            self._prune(conn)
             stats = read_stats(conn)
             keys = [
                 (bytes(d), e)
-                for d, e in conn.execute("SELECT digest, expiry FROM dedup ORDER BY expiry")
+                for d, e in conn.execute(
+                    "SELECT digest, expiry FROM dedup_log WHERE expiry > ? ORDER BY rowid",
+                    (int(self._clock()),),
+                )
             ]
         except (SpoolError, sqlite3.Error, OSError) as exc:
             error = exc if isinstance(exc, SpoolError) else SpoolError(str(exc))
@@ -556,7 +561,7 @@ class Spool:
                     except queue.Empty:
                         break
                 stop = _STOP in batch
-                ops = [op for op in batch if isinstance(op, _Op)]
+                ops = [op for op in batch if isinstance(op, _Op)]  # (_FLUSH_KEYS only wakes)
                 if time.monotonic() - last_prune > PRUNE_INTERVAL:
                     last_prune = time.monotonic()
                     ops.append(_Op(self._prune, "write", None))
@@ -569,11 +574,13 @@ class Spool:
             loop.call_soon_threadsafe(_settle, self._stopped, None, None)
 
     def _commit(self, conn: sqlite3.Connection, ops: list[_Op], mode: str) -> str:
-        """Run the write ops of one round in one transaction, then the reads; hand the results
-        to the event loop in one callback. Returns the synchronous mode now in force."""
+        """Run the write ops of one round and the delivered keys waiting in ``_keys`` in one
+        transaction, then the reads; hand the results to the event loop in one callback.
+        Returns the synchronous mode now in force."""
         writes = [op for op in ops if op.kind != "read"]
+        keys, self._keys = self._keys, []  # appends after the swap go to the next round
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
-        if writes:
+        if writes or keys:
             want = "FULL" if any(op.kind == "durable" for op in writes) else "NORMAL"
             try:
                 if want != mode:
@@ -581,6 +588,8 @@ class Spool:
                     mode = want
                 conn.execute("BEGIN IMMEDIATE")
                 values = [op.run(conn) for op in writes]
+                if keys:
+                    conn.executemany("INSERT INTO dedup_log (expiry, digest) VALUES (?, ?)", keys)
                 conn.execute("COMMIT")
                 self.commits += 1
             except sqlite3.Error as exc:
@@ -603,14 +612,17 @@ class Spool:
         return mode
 
     def _prune(self, conn: sqlite3.Connection) -> None:
-        conn.execute("DELETE FROM dedup WHERE expiry <= ?", (int(self._clock()),))
-        (count,) = conn.execute("SELECT count(*) FROM dedup").fetchone()
-        if count > self.dedup_max_entries:
-            conn.execute(
-                "DELETE FROM dedup WHERE digest IN "
-                "(SELECT digest FROM dedup ORDER BY expiry LIMIT ?)",
-                (count - self.dedup_max_entries,),
-            )
+        """Cut expired keys, and the oldest beyond ``dedup_max_entries``, from the front of the
+        log (keys are in commit order, so both are a rowid range)."""
+        first_live = conn.execute(
+            "SELECT rowid FROM dedup_log WHERE expiry > ? ORDER BY rowid LIMIT 1",
+            (int(self._clock()),),
+        ).fetchone()
+        (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM dedup_log").fetchone()
+        cut = min(
+            last + 1 if first_live is None else first_live[0], last - self.dedup_max_entries + 1
+        )
+        conn.execute("DELETE FROM dedup_log WHERE rowid < ?", (cut,))
 
 
 def _settle(future: asyncio.Future[Any] | None, value: Any, error: BaseException | None) -> None:
