@@ -125,7 +125,8 @@ class MemoryDedupStore:
         self._delivered: dict[bytes, int] = {}
         self._order: deque[bytes] = deque()
         self._stale: dict[bytes, int] = {}
-        self._pending: dict[str, asyncio.Future[bool]] = {}
+        #: claimed keys -> (the future their followers wait on, the key's digest)
+        self._pending: dict[str, tuple[asyncio.Future[bool], bytes]] = {}
         self._expiry_second = -1
         self._expiry_value = 0
 
@@ -142,13 +143,15 @@ class MemoryDedupStore:
         the in-flight first delivery; if that does not finish in time the follower gets FAILED."""
         pending = self._pending.get(key)
         if pending is None:
-            if self.is_delivered(key):
+            d = digest(key)
+            expiry = self._delivered.get(d)
+            if expiry is not None and expiry > self._clock():
                 return Verdict.DUPLICATE
-            self._pending[key] = asyncio.get_running_loop().create_future()
+            self._pending[key] = (asyncio.get_running_loop().create_future(), d)
             return Verdict.CLAIMED
         try:
             async with asyncio.timeout(self.wait_timeout):
-                delivered = await asyncio.shield(pending)
+                delivered = await asyncio.shield(pending[0])
         except TimeoutError:
             return Verdict.FAILED
         return Verdict.DUPLICATE if delivered else Verdict.FAILED
@@ -165,12 +168,14 @@ class MemoryDedupStore:
 
     def commit_now(self, key: str) -> None:
         """Synchronous ``commit``, for callers that cannot await (a publisher confirm callback)."""
-        d = digest(key)
+        pending = self._pending.pop(key, None)
+        d = digest(key) if pending is None else pending[1]
         expiry = self._expiry(self._clock())
         self._remember(d, expiry)
         if self._on_commit is not None:
             self._on_commit(d, expiry)
-        self._settle(key, delivered=True)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(True)
 
     async def release(self, key: str) -> None:
         """Forget the claim on ``key`` and wake its waiters (as failed)."""
@@ -196,8 +201,8 @@ class MemoryDedupStore:
 
     def _settle(self, key: str, *, delivered: bool) -> None:
         pending = self._pending.pop(key, None)
-        if pending is not None and not pending.done():
-            pending.set_result(delivered)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(delivered)
 
     def _expiry(self, now: float) -> int:
         second = int(now)

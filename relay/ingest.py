@@ -19,7 +19,6 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -30,6 +29,7 @@ from aiohttp import hdrs, http_exceptions, web
 from relay.auth import Principal, TokenAuthenticator
 from relay.dedup import DedupStore, Verdict, dedup_key
 from relay.errors import BrokerUnavailable, StoreUnavailable
+from relay.logs import iso_utc_millis
 from relay.metrics import Metrics
 from relay.publish import Envelope
 from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Router, event_name
@@ -207,19 +207,6 @@ def _text(value: object) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
-
-
-_iso_second: list[Any] = [-1, ""]
-
-
-def iso_utc_millis(ts: float) -> str:
-    """``2026-11-30T10:04:25.672Z`` for Unix time ``ts`` (the per-second part is cached)."""
-    second = int(ts)
-    if second != _iso_second[0]:
-        _iso_second[0] = second
-        _iso_second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    millis = min(round((ts - second) * 1_000_000) // 1000, 999)
-    return f"{_iso_second[1]}.{millis:03d}Z"
 
 
 def contract_headers(

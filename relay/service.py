@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import signal
 from collections.abc import Mapping
@@ -28,6 +29,20 @@ from relay.tls import CertificateStore
 from relay.workers import WorkerInfo, worker_url
 
 log = structlog.get_logger("relay.service")
+
+
+#: allocations between two young-generation collections (CPython's default is 700)
+GC_THRESHOLD = (20_000, 50, 100)
+
+
+def _tune_gc() -> None:
+    """Move everything allocated at start-up (modules, settings, the app) out of the cyclic
+    garbage collector's reach and collect the young generation less often. Each webhook
+    allocates hundreds of short-lived objects; with the default threshold the collector ran
+    every few requests and cost about 15 % of the throughput (``make bench``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 class StartupError(RelayError):
@@ -190,14 +205,14 @@ async def serve(
     try:
         await relay.start()
     except StartupError:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+        _forget_handlers(loop, None)
         notifier.close()
         raise
     try:
 
         async def announce_ready() -> None:
             await relay.wait_durable()
+            _tune_gc()
             ready, checks = relay.app[HEALTH].readiness()
             notifier.ready(f"serving on {relay.url}; " + ("ready" if ready else str(checks)))
             announced.set()
@@ -220,14 +235,19 @@ async def serve(
                 await relay.stop()
         except TimeoutError:
             log.error("relay.shutdown_timeout", seconds=settings.http.shutdown_timeout)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        if worker is not None and worker.lifeline_fd is not None:
-            with contextlib.suppress(OSError):
-                loop.remove_reader(worker.lifeline_fd)
+        _forget_handlers(loop, worker)
         notifier.close()
     log.info("relay.stopped")
     return 0
+
+
+def _forget_handlers(loop: asyncio.AbstractEventLoop, worker: WorkerInfo | None) -> None:
+    """Remove the signal handlers (and a worker's lifeline reader) ``serve`` installed."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(signum)
+    if worker is not None and worker.lifeline_fd is not None:
+        with contextlib.suppress(OSError):
+            loop.remove_reader(worker.lifeline_fd)
 
 
 def _watch_lifeline(fd: int, stop: asyncio.Event) -> None:
