@@ -23,6 +23,11 @@ meanwhile either raises StoreUnavailable (``on_store_failure = "reject"``: the i
 with Retry-After) or answers from the in-memory store of this process (``"local"``: counted in
 ``local_fallbacks``, logged once per outage). Redis 7.0 or newer is used natively; older servers
 (6.x) get the same claim as a Lua script.
+
+Claims, commits and releases go out *auto-pipelined*: the commands issued during one event-loop
+turn are sent in one pipeline (one write, one round trip), as the Redis clients of other
+languages do under load. redis-py's per-command bookkeeping (a pooled connection checked out,
+a retry wrapper, a parse) cost a third of the relay's time per webhook when sent one by one.
 """
 
 from __future__ import annotations
@@ -78,6 +83,66 @@ if held then return held end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
+
+
+class _AutoPipeline:
+    """Sends the commands issued during one event-loop turn in one pipeline.
+
+    ``call(name, *args, **options)`` queues the client method ``name`` (``set``, ``eval``) and
+    returns a future of its reply, parsed as that method parses it; a reply that is an error
+    (such as READONLY or LOADING) becomes the future's exception, and so does a connection
+    error for the whole batch. The caller catches ``STORE_ERRORS`` as for a direct command.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._queue: list[tuple[str, tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def call(self, name: str, *args: Any, **options: Any) -> asyncio.Future[Any]:
+        """Queue one command for this turn's pipeline."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((name, args, options, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, batch: list[tuple[str, tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]
+    ) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for name, args, options, _ in batch:
+            getattr(pipe, name)(*args, **options)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (*STORE_ERRORS, asyncio.CancelledError) as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(
+                        exc if isinstance(exc, STORE_ERRORS) else RedisConnectionError("closed")
+                    )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def close(self) -> None:
+        """Let the pipelines under way finish."""
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 @dataclass(slots=True)
@@ -161,9 +226,7 @@ class RedisDedupStore:
         self._watches: dict[str, asyncio.Task[Verdict]] = {}
         self._remote_waiters = 0
         self._probe: asyncio.Task[None] | None = None
-        self._commit = redis.register_script(_COMMIT)
-        self._release = redis.register_script(_RELEASE)
-        self._claim_script = redis.register_script(_CLAIM)
+        self._pipe = _AutoPipeline(redis)
 
     def __len__(self) -> int:
         """Delivered keys remembered in this process (the local fallback store)."""
@@ -199,6 +262,7 @@ class RedisDedupStore:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
                 await task
+        await self._pipe.close()
         await self.redis.aclose()
 
     # -- the DedupStore protocol ------------------------------------------------------------
@@ -248,8 +312,8 @@ class RedisDedupStore:
             return
         _settle(claim.outcome, delivered=True)
         try:
-            done = await self._commit(
-                keys=[self._rkey(key)], args=[claim.owner, DELIVERED, self._ttl_ms]
+            done = await self._pipe.call(
+                "eval", _COMMIT, 1, self._rkey(key), claim.owner, DELIVERED, self._ttl_ms
             )
         except STORE_ERRORS as exc:
             self.fallback.commit_now(key)
@@ -272,7 +336,7 @@ class RedisDedupStore:
         if not self.up:
             return
         try:
-            await self._release(keys=[self._rkey(key)], args=[claim.owner])
+            await self._pipe.call("eval", _RELEASE, 1, self._rkey(key), claim.owner)
         except STORE_ERRORS as exc:
             self._failed("release", exc)
 
@@ -318,12 +382,9 @@ class RedisDedupStore:
     async def _try_claim(self, rkey: bytes, owner: bytes) -> bytes | None:
         """One round trip: None when ``owner`` now holds ``rkey``, else what it held."""
         if self._native_claim:
-            held = await cast(
-                Awaitable[bytes | None],
-                self.redis.set(rkey, owner, nx=True, px=self._lease_ms, get=True),
-            )
+            held = await self._pipe.call("set", rkey, owner, nx=True, px=self._lease_ms, get=True)
         else:
-            held = await self._claim_script(keys=[rkey], args=[owner, self._lease_ms])
+            held = await self._pipe.call("eval", _CLAIM, 1, rkey, owner, self._lease_ms)
         return held or None
 
     async def _follow(self, outcome: asyncio.Future[bool]) -> Verdict:

@@ -222,6 +222,8 @@ class _Op:
 
 _STOP = object()
 _FLUSH_KEYS = object()  # wakes the writer for delivered keys waiting in Spool._keys
+KEY_FLUSH_INTERVAL = 0.25  # seconds delivered keys may wait for the writer's next transaction
+KEY_FLUSH_BACKLOG = 8192  # ... unless this many are waiting
 
 
 class Spool:
@@ -277,7 +279,8 @@ class Spool:
         self._stopped: asyncio.Future[None] | None = None
         #: delivered dedup keys (digest, expiry) waiting for the writer's next transaction;
         #: appended on the event loop, swapped out by the writer thread
-        self._keys: list[tuple[int, bytes]] = []
+        #: (flat: expiry, digest, expiry, digest ... so one ``extend`` appends a pair at once)
+        self._keys: list[int | bytes] = []
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="relay-spool-reader")
         self._reader_conn: sqlite3.Connection | None = None
 
@@ -467,14 +470,16 @@ class Spool:
             raise BrokerUnavailable("spool_error", f"the spool read failed: {exc}") from None
 
     def remember_key(self, digest: bytes, expiry: int) -> None:
-        """Persist a delivered dedup key (the MemoryDedupStore ``on_commit`` hook); committed
-        with the next group in one ``executemany``, ``synchronous=NORMAL``, never awaited.
-        On the hot path this is one list append (and a wake-up for the writer when the list
-        was empty)."""
+        """Persist a delivered dedup key (the MemoryDedupStore ``on_commit`` hook): committed
+        in one ``executemany`` with the writer's next transaction, at most
+        ``KEY_FLUSH_INTERVAL`` seconds later, ``synchronous=NORMAL``, never awaited. (A crash in
+        that window forgets the key: RETM's retry is then published again, with the same
+        message_id.) On the hot path this is one list extend: no wake-up of the writer thread
+        per event, which would contend for the GIL with the event loop."""
         if self.opened.is_set():
             keys = self._keys
-            keys.append((expiry, digest))
-            if len(keys) == 1:
+            keys.extend((expiry, digest))
+            if len(keys) == 2 * KEY_FLUSH_BACKLOG:
                 self._queue.put(_FLUSH_KEYS)
 
     def status(self) -> dict[str, Any]:
@@ -554,7 +559,11 @@ class Spool:
         last_prune = time.monotonic()
         try:
             while True:
-                batch = [self._queue.get()]
+                try:
+                    first = self._queue.get(timeout=KEY_FLUSH_INTERVAL if self._keys else None)
+                except queue.Empty:
+                    first = _FLUSH_KEYS
+                batch = [first]
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._queue.get_nowait())
@@ -589,7 +598,11 @@ class Spool:
                 conn.execute("BEGIN IMMEDIATE")
                 values = [op.run(conn) for op in writes]
                 if keys:
-                    conn.executemany("INSERT INTO dedup_log (expiry, digest) VALUES (?, ?)", keys)
+                    pairs = iter(keys)
+                    conn.executemany(
+                        "INSERT INTO dedup_log (expiry, digest) VALUES (?, ?)",
+                        zip(pairs, pairs, strict=True),
+                    )
                 conn.execute("COMMIT")
                 self.commits += 1
             except sqlite3.Error as exc:
@@ -608,7 +621,8 @@ class Spool:
                     error = BrokerUnavailable("spool_error", f"the spool read failed: {exc}")
                     results.append((op.future, None, error))
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(_settle_all, results)
+        if results:  # (a round of delivered keys alone wakes nobody on the event loop)
+            self._loop.call_soon_threadsafe(_settle_all, results)
         return mode
 
     def _prune(self, conn: sqlite3.Connection) -> None:
