@@ -37,6 +37,7 @@ import structlog
 from aiohttp import web
 
 from relay.dedup import dedup_key
+from relay.dedup_redis import STORE_ERRORS, connect
 from relay.ingest import (
     MISMATCH_HEADER,
     Ingest,
@@ -49,6 +50,8 @@ from relay.metrics import Metrics
 from relay.routing import LOYALTY_CHECK_REWARD, LOYALTY_REDEEM_REWARD, Route
 from relay.rpc import NoAnswer, Reply, RpcLink
 from relay.settings import LoyaltySettings
+
+REDIS_TIMEOUT = 0.5  # seconds: the cashier is waiting
 
 log = structlog.get_logger("relay.loyalty")
 
@@ -114,18 +117,10 @@ class RedisReplyCache:
     (the responder, which gets the dedup key as message_id, is the last line of defence)."""
 
     def __init__(self, url: str, prefix: str, ttl: float) -> None:
-        import redis.asyncio as aioredis  # noqa: PLC0415 - only relays that use Redis need it
-
         self.prefix = prefix
         self.ttl_ms = max(1, int(ttl * 1000))
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=0.5, socket_connect_timeout=0.5, retry_on_timeout=False
-        )
-        self._errors: tuple[type[BaseException], ...] = (
-            aioredis.RedisError,
-            OSError,
-            TimeoutError,
-        )
+        self._redis = connect(url, REDIS_TIMEOUT)
+        self._errors = STORE_ERRORS
 
     async def get(self, key: str) -> Reply | None:
         """The cached reply for ``key``, or None (also when Redis fails)."""

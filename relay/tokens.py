@@ -36,7 +36,10 @@ import orjson
 import structlog
 
 from relay.auth import TokenAuthenticator, token_digest
+from relay.dedup_redis import STORE_ERRORS, connect
 from relay.errors import RelayError, StoreUnavailable
+
+REDIS_TIMEOUT = 0.5  # seconds: an install must answer within 1 s
 
 log = structlog.get_logger("relay.tokens")
 
@@ -284,18 +287,10 @@ class RedisTokenStore:
     rotation's read-modify-write safe against another relay doing the same)."""
 
     def __init__(self, url: str, key: str) -> None:
-        import redis.asyncio as aioredis  # noqa: PLC0415 - only relays that use Redis need it
-
         self.key = key
         self.version_key = f"{key}:version"
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=0.5, socket_connect_timeout=0.5, retry_on_timeout=False
-        )
-        self._errors: tuple[type[BaseException], ...] = (
-            aioredis.RedisError,
-            OSError,
-            TimeoutError,
-        )
+        self._redis = connect(url, REDIS_TIMEOUT)
+        self._errors = STORE_ERRORS
 
     async def _call(self, coro: Any) -> Any:
         try:
