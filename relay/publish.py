@@ -291,11 +291,12 @@ class Publisher:
     async def close(self) -> None:
         """Stop reconnecting and close the link (after the caller's publishes finished)."""
         self._closing = True
+        link = self._link  # the supervisor forgets it when cancelled: close it here
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        link, self._link = self._link, None
+        self._link = None
         self.connected.clear()
         if link is not None:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):

@@ -138,11 +138,12 @@ class RpcLink:
 
     async def close(self) -> None:
         """Stop reconnecting, fail what waits, close the connection."""
+        link = self._link  # the supervisor forgets it when cancelled: close it here
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        link, self._link = self._link, None
+        self._link = None
         self.connected.clear()
         self._fail_pending("relay stopping")
         if link is not None:
