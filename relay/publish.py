@@ -13,19 +13,17 @@ nacks, returns and a channel close settle them the usual way. (aiormq's ``basic_
 marshals each frame with pamqp and wakes its writer once per message; under load that was most
 of the relay's time per webhook.)
 
-The link is supervised here rather than by aio-pika's ``connect_robust``, for three reasons the
-relay's contract needs: a topology mismatch at start-up must stop the start instead of being
-retried forever; a publish must fail *at once* while the link is down (so the caller answers 503
-or spools without waiting for a deadline); and a publisher has no consumers to restore, so
-reconnecting is simply "connect, declare, swap the link in".
+The link is supervised by ``relay.link`` (which says why not by aio-pika's ``connect_robust``):
+the topology is declared on each new channel, and a mismatch at the first connection stops the
+start. What stays here is the publisher's own: a publish fails *at once* while the link is down
+or blocked (so the caller answers 503 or spools without waiting for a deadline); a link that
+answers nothing is suspect, then reset; and the confirms still due on a dead link fail at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import random
 import socket
 import struct
 import time
@@ -46,23 +44,33 @@ from aiormq.exceptions import (
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
     DeliveryError,
-    ProbableAuthenticationError,
     PublishError,
 )
 from yarl import URL
 
-from relay import __version__, wire
+from relay import wire
 from relay.errors import BrokerUnavailable, TopologyError
+from relay.link import Link, SupervisedLink, broker_address, describe
 from relay.metrics import Metrics
 from relay.routing import Route, Router
 from relay.settings import AmqpSettings
+
+# broker_address moved to relay.link; it is still importable from here (relay.tail, .topology)
+__all__ = [
+    "APP_ID",
+    "CONTENT_TYPE",
+    "PERSISTENT",
+    "SUSPECT_AFTER",
+    "Envelope",
+    "Publisher",
+    "broker_address",
+]
 
 log = structlog.get_logger("relay.publish")
 
 APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 #: seconds without any answer to an outstanding publish after which the link is suspect:
 #: new events go to the spool instead of joining the queue of unanswered publishes
 SUSPECT_AFTER = 0.25
@@ -146,14 +154,10 @@ def _forget_message_id(table: dict[str, int], message_id: str, tag: int, _: obje
         del table[message_id]
 
 
-@dataclass(slots=True)
-class _Link:
-    connection: aio_pika.abc.AbstractConnection
-    channel: aio_pika.abc.AbstractChannel
+@dataclass(slots=True, kw_only=True)
+class _Link(Link):
     underlay: aiormq.Channel
     sender: _Sender
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    close_reason: str = ""
     #: loop time of the broker's latest answer (confirm, nack, return) to a publish
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
@@ -168,11 +172,6 @@ class _Link:
             error = confirmation.exception()
             if error is None or isinstance(error, PublishError | DeliveryError):
                 self.last_reply = asyncio.get_running_loop().time()
-
-    def mark_closed(self, reason: str) -> None:
-        if not self.closed.is_set():
-            self.close_reason = reason
-            self.closed.set()
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -227,80 +226,23 @@ def _is_blocked(connection: aiormq.abc.AbstractConnection) -> bool:
     return True
 
 
-def _url_with_heartbeat(url: str, heartbeat: int) -> URL:
-    parsed = URL(url)
-    if "heartbeat" not in parsed.query:
-        parsed = parsed.update_query(heartbeat=str(heartbeat))
-    return parsed
-
-
-def broker_address(url: str) -> str:
-    """``host:port`` of an AMQP URL, with ``/vhost`` unless it is the default vhost ``/``;
-    without credentials (safe to log)."""
-    parsed = URL(url)
-    vhost = parsed.path[1:] if len(parsed.path) > 1 else "/"
-    port = parsed.port or (5671 if parsed.scheme == "amqps" else 5672)
-    return f"{parsed.host}:{port}" if vhost == "/" else f"{parsed.host}:{port}/{vhost}"
-
-
-class Publisher:
+class Publisher(SupervisedLink[_Link]):
     """Owns the broker link; publishes envelopes with confirms.
 
-    ``start()`` makes the first connection attempt and raises TopologyError when the exchanges
-    disagree with the settings; when the broker does not answer, it keeps trying in the
-    background and ``publish`` raises BrokerUnavailable("disconnected") until it does.
-    ``connected`` is set while a link with its topology is up.
+    ``start(wait=None)`` makes the first connection attempt and raises TopologyError when the
+    exchanges disagree with the settings; when the broker does not answer, it keeps trying in
+    the background and ``publish`` raises BrokerUnavailable("disconnected") until it does.
+    ``connected`` is set while a link with its topology is up. ``close()`` (after the caller's
+    publishes finished) stops the link. The supervision (these, ``last_error``, ``address``)
+    is ``relay.link.SupervisedLink``'s.
     """
 
     def __init__(self, settings: AmqpSettings, router: Router, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, role="broker", client_name="retm-relay")
         self.router = router
         self.metrics = metrics
-        self.connected = asyncio.Event()
-        self.address = broker_address(settings.url.value)
-        self.last_error = ""
         self.connected_since: float | None = None
         self.reconnects = 0
-        self._url = _url_with_heartbeat(settings.url.value, settings.heartbeat)
-        self._link: _Link | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._first_attempt: asyncio.Future[None] | None = None
-        self._closing = False
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def start(self, wait: float | None = None) -> None:
-        """Connect (or start trying to). Raises TopologyError on a mismatch at the first
-        successful connection; returns after the first attempt, successful or not.
-
-        wait: at most this many seconds for that first attempt (None: as long as it takes,
-        up to ``amqp.connect_timeout``). A broker that has not answered by then (a stalled
-        path) no longer holds up the start; a mismatch found later is logged, shown by
-        readiness, and retried like any other link failure.
-        """
-        loop = asyncio.get_running_loop()
-        first = self._first_attempt = loop.create_future()
-        self._supervisor = loop.create_task(self._supervise(), name="relay-broker-link")
-        try:
-            async with asyncio.timeout(wait):
-                await asyncio.shield(first)
-        except TimeoutError:
-            first.cancel()
-            log.warning("broker.slow_start", broker=self.address, seconds=wait)
-
-    async def close(self) -> None:
-        """Stop reconnecting and close the link (after the caller's publishes finished)."""
-        self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        link, self._link = self._link, None
-        self.connected.clear()
-        if link is not None:
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    await link.connection.close()
 
     def status(self) -> dict[str, Any]:
         """Link state for /health and readiness."""
@@ -312,104 +254,40 @@ class Publisher:
             "last_error": self.last_error or None,
         }
 
-    async def _supervise(self) -> None:
-        delay = RECONNECT_MIN
-        ever_connected = False
-        was_down_logged = False
-        while not self._closing:
-            try:
-                link = await self._connect()
-            except TopologyError as exc:
-                self.last_error = str(exc)
-                first = self._first_attempt
-                if not ever_connected and first is not None and not first.done():
-                    self._settle_first_attempt(exc)  # start() is waiting: stop the start
-                    return
-                log.error("broker.topology_mismatch", error=str(exc))
-            except ProbableAuthenticationError as exc:
-                self.last_error = f"authentication failed: {exc}"
-                log.error("broker.auth_failed", broker=self.address)
-            except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-                self.last_error = _describe(exc)
-                if not was_down_logged:
-                    log.warning("broker.unreachable", broker=self.address, error=self.last_error)
-                    was_down_logged = True
-            else:
-                ever_connected, was_down_logged, delay = True, False, RECONNECT_MIN
-                await self._run_link(link)
-                continue
-            self._settle_first_attempt(None)
-            await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
-            delay = min(delay * 2, RECONNECT_MAX)
+    # -- the link --------------------------------------------------------------------------
 
-    async def _run_link(self, link: _Link) -> None:
-        self._link = link
-        self.connected_since = time.time()
-        self.connected.set()
-        self.metrics.broker_connected(True)
-        self.last_error = ""
-        log.info("broker.connected", broker=self.address)
-        self._settle_first_attempt(None)
-        try:
-            await link.closed.wait()
-        finally:
-            self._link = None
-            self.connected.clear()
-            self.connected_since = None
-            self.metrics.broker_connected(False)
-            # A dead link's confirms will never come: fail its publishes now rather than
-            # leave their waiters to aiormq's close, which a stalled socket can hold up.
-            for future in list(link.inflight):
-                if not future.done():
-                    future.set_exception(ChannelInvalidStateError("the broker link closed"))
-        self.reconnects += 1
-        self.last_error = link.close_reason or "connection closed"
-        if not self._closing:
-            log.warning("broker.disconnected", broker=self.address, error=self.last_error)
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                async with asyncio.timeout(1):
-                    await link.connection.close()
+    def _new_connection(self) -> aio_pika.Connection:
+        connection = super()._new_connection()
+        # passed on to aiormq.connect: keeps the socket, so that a stalled link can be reset
+        connection.kwargs["transport_factory"] = _RecordingTransport(self._url.scheme == "amqps")
+        return connection
 
-    def _settle_first_attempt(self, exc: BaseException | None) -> None:
-        fut = self._first_attempt
-        if fut is not None and not fut.done():
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
-
-    async def _connect(self) -> _Link:
-        # aio_pika.connect() would leave a failed Connection for the garbage collector, whose
-        # __del__ schedules a close() that may never run; build it here and close it instead.
-        connection = aio_pika.Connection(
-            self._url,
-            client_properties={
-                "connection_name": f"retm-relay {socket.gethostname()} pid {os.getpid()}",
-                "product": "retm-relay",
-                "version": __version__,
-            },
+    async def _open(
+        self, connection: aio_pika.Connection, channel: aio_pika.abc.AbstractChannel
+    ) -> _Link:
+        await self.declare(channel)
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)  # for the _Sender's frames
+        transport = connection.kwargs["transport_factory"]
+        assert isinstance(transport, _RecordingTransport)
+        return _Link(
+            connection, channel, underlay=underlay, sender=_Sender(underlay), transport=transport
         )
-        transport = _RecordingTransport(self._url.scheme == "amqps")
-        connection.kwargs["transport_factory"] = transport  # passed on to aiormq.connect
-        try:
-            await connection.connect(timeout=self.settings.connect_timeout)
-            async with asyncio.timeout(self.settings.connect_timeout):
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                await self.declare(channel)
-                underlay = await channel.get_underlay_channel()
-                assert isinstance(underlay, aiormq.Channel)  # for basic_publish(wait=False)
-        except BaseException:
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                await connection.close()
-            raise
-        link = _Link(connection, channel, underlay, _Sender(underlay), transport=transport)
 
-        def on_close(_: object, exc: BaseException | None = None) -> None:
-            link.mark_closed(_describe(exc) if exc else "closed")
+    def _link_up(self) -> None:
+        self.connected_since = time.time()
+        self.metrics.broker_connected(True)
 
-        connection.close_callbacks.add(on_close)
-        channel.close_callbacks.add(on_close)
-        return link
+    def _link_down(self, link: _Link) -> None:
+        self.connected_since = None
+        self.metrics.broker_connected(False)
+        # A dead link's confirms will never come: fail its publishes now rather than leave
+        # their waiters to aiormq's close, which a stalled socket can hold up.
+        for future in list(link.inflight):
+            if not future.done():
+                future.set_exception(ChannelInvalidStateError("the broker link closed"))
+        if not self._closing:
+            self.reconnects += 1
 
     async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Declare (or, with ``amqp.passive``, only check) the event exchanges, durable topic;
@@ -537,7 +415,7 @@ class Publisher:
         except DeliveryError:
             raise BrokerUnavailable("nacked", "the broker refused the message") from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
-            raise BrokerUnavailable("channel_closed", _describe(exc)) from None
+            raise BrokerUnavailable("channel_closed", describe(exc)) from None
         self.metrics.published(envelope.event, time.perf_counter() - started)
         return routed
 
@@ -620,10 +498,3 @@ async def _settled(future: asyncio.Future[Any], deadline: float) -> bool:
 def _reply_text(exc: BaseException) -> str:
     args = [a for a in exc.args if isinstance(a, str)]
     return args[-1] if args else str(exc)
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 300 else text[:297] + "..."

@@ -2,9 +2,9 @@
 
 RabbitMQ's direct reply-to needs a no-ack consumer on ``amq.rabbitmq.reply-to`` on the very
 channel that publishes the requests, so the link is its own connection, separate from the
-publisher's. It is supervised like the publisher's link rather than by aio-pika's
-``connect_robust``: a request must fail at once while the link is down (the cashier gets the
-fallback instead of waiting), the first connection attempt must not block the start when the
+publisher's. It is supervised like the publisher's, by ``relay.link`` (which says why not by
+aio-pika's ``connect_robust``): a request fails at once while the link is down (the cashier gets
+the fallback instead of waiting), the first connection attempt does not block the start when the
 broker is down, and a request in flight when the link drops gets its answer at once (its reply
 could only come to the old channel). The consumer is created anew on each channel.
 
@@ -17,12 +17,8 @@ and dropped, so it can never answer another request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import random
 import secrets
-import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,9 +31,9 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp import commands as spec
 
-from relay import __version__
+from relay.link import Link, SupervisedLink
 from relay.metrics import Metrics
-from relay.publish import APP_ID, CONTENT_TYPE, broker_address
+from relay.publish import APP_ID, CONTENT_TYPE
 from relay.routing import Route
 from relay.settings import AmqpSettings
 
@@ -46,7 +42,6 @@ log = structlog.get_logger("relay.rpc")
 REPLY_TO = "amq.rabbitmq.reply-to"
 STATUS_HEADER = "x-http-status"
 TRANSIENT = 1
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 
 
 class NoAnswer(Exception):
@@ -89,35 +84,25 @@ def parse_reply(message: aiormq.abc.DeliveredMessage) -> Reply:
     return Reply(status, body)
 
 
-@dataclass(slots=True)
-class _Link:
-    connection: aio_pika.abc.AbstractConnection
+@dataclass(slots=True, kw_only=True)
+class _Link(Link):
     underlay: aiormq.abc.AbstractChannel
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    close_reason: str = ""
 
 
-class RpcLink:
+class RpcLink(SupervisedLink[_Link]):
     """The RPC connection: publishes requests (confirmed, mandatory) and receives replies.
 
     settings: ``amqp.*`` (URL, timeouts, heartbeat). metrics: counts late replies.
-    ``connected`` is set while the channel and its reply consumer are up.
+    ``connected`` is set while the channel and its reply consumer are up. ``start()`` returns
+    after the first connection attempt, successful or not; the supervision (``connected``,
+    ``last_error``, ``address``, ``close()``) is ``relay.link.SupervisedLink``'s.
     """
 
     def __init__(self, settings: AmqpSettings, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, role="rpc", client_name="retm-relay rpc")
         self.metrics = metrics
-        self.connected = asyncio.Event()
-        self.address = broker_address(settings.url.value)
-        self.last_error = ""
         self.late_replies = 0
-        self._url = aio_pika.connection.make_url(settings.url.value)
-        if "heartbeat" not in self._url.query:
-            self._url = self._url.update_query(heartbeat=str(settings.heartbeat))
-        self._link: _Link | None = None
         self._pending: dict[str, asyncio.Future[Reply]] = {}
-        self._supervisor: asyncio.Task[None] | None = None
-        self._first_attempt: asyncio.Future[None] | None = None
 
     def status(self) -> dict[str, Any]:
         """Link state for ``/health``."""
@@ -129,95 +114,20 @@ class RpcLink:
             "last_error": self.last_error or None,
         }
 
-    async def start(self) -> None:
-        """Start the link; returns after the first connection attempt, successful or not."""
-        loop = asyncio.get_running_loop()
-        self._first_attempt = loop.create_future()
-        self._supervisor = loop.create_task(self._supervise(), name="relay-rpc-link")
-        await asyncio.shield(self._first_attempt)
-
     async def close(self) -> None:
         """Stop reconnecting, fail what waits, close the connection."""
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        link, self._link = self._link, None
-        self.connected.clear()
+        await super().close()
         self._fail_pending("relay stopping")
-        if link is not None:
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    await link.connection.close()
 
-    async def _supervise(self) -> None:
-        delay = RECONNECT_MIN
-        while True:
-            try:
-                link = await self._connect()
-            except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-                self.last_error = str(exc) or type(exc).__name__
-            else:
-                delay = RECONNECT_MIN
-                self._link, self.last_error = link, ""
-                self.connected.set()
-                log.info("rpc.connected", broker=self.address)
-                self._settle_first()
-                try:
-                    await link.closed.wait()
-                finally:
-                    self._link = None
-                    self.connected.clear()
-                    self._fail_pending(link.close_reason)
-                self.last_error = link.close_reason or "connection closed"
-                log.warning("rpc.disconnected", broker=self.address, error=self.last_error)
-                with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                    async with asyncio.timeout(1):
-                        await link.connection.close()
-                continue
-            self._settle_first()
-            await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
-            delay = min(delay * 2, RECONNECT_MAX)
+    async def _open(
+        self, connection: aio_pika.Connection, channel: aio_pika.abc.AbstractChannel
+    ) -> _Link:
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
+        return _Link(connection, channel, underlay=underlay)
 
-    def _settle_first(self) -> None:
-        if self._first_attempt is not None and not self._first_attempt.done():
-            self._first_attempt.set_result(None)
-
-    async def _connect(self) -> _Link:
-        connection = aio_pika.Connection(
-            self._url,
-            client_properties={
-                "connection_name": f"retm-relay rpc {socket.gethostname()} pid {os.getpid()}",
-                "product": "retm-relay",
-                "version": __version__,
-            },
-        )
-        try:
-            await connection.connect(timeout=self.settings.connect_timeout)
-        except BaseException:
-            # Close the failed attempt here: an unclosed Connection closes itself from
-            # __del__, which breaks when the garbage collector runs on another thread.
-            await connection.close()
-            raise
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                underlay = await channel.get_underlay_channel()
-                await underlay.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
-        except BaseException:
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                await connection.close()
-            raise
-        link = _Link(connection, underlay)
-
-        def on_close(_: object, exc: BaseException | None = None) -> None:
-            if not link.closed.is_set():
-                link.close_reason = (str(exc) or type(exc).__name__) if exc else "closed"
-                link.closed.set()
-
-        connection.close_callbacks.add(on_close)
-        channel.close_callbacks.add(on_close)
-        return link
+    def _link_down(self, link: _Link) -> None:
+        self._fail_pending(link.close_reason)
 
     def _fail_pending(self, reason: str) -> None:
         for future in self._pending.values():
