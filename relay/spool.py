@@ -264,6 +264,8 @@ class Spool:
         self.held: dict[int, asyncio.Future[Any]] = {}
         #: seqs being deleted (confirmed); never forwarded again
         self.deleting: set[int] = set()
+        #: one set per read under way: seqs deleted meanwhile (see ``_forget``)
+        self._reads: list[set[int]] = []
         #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
         self.maybe_sent: set[int] = set()
         self.late_confirms = 0
@@ -421,6 +423,7 @@ class Spool:
         if confirmed and self.opened.is_set():
             self.late_confirms += 1
             log.info("spool.late_confirm", seq=seq)
+            self._forget([seq])  # now, not when the delete task first runs
             task_ = asyncio.ensure_future(self.delete([seq]))
             task_.add_done_callback(_log_failure)
         else:
@@ -430,7 +433,7 @@ class Spool:
     async def delete(self, seqs: list[int]) -> None:
         """Delete forwarded (or late-confirmed) rows; they are never forwarded again, even
         while the delete is being committed. Raises BrokerUnavailable(``spool_error``)."""
-        self.deleting.update(seqs)
+        self._forget(seqs)
 
         def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
             count, size = delete_events(conn, seqs)
@@ -451,12 +454,25 @@ class Spool:
         ):
             self._set_full(False)
 
+    def _forget(self, seqs: Iterable[int]) -> None:
+        """Rows about to be deleted: never forwarded again, not even by a read already under
+        way (its snapshot may still hold them)."""
+        self.deleting.update(seqs)
+        for gone in self._reads:
+            gone.update(seqs)
+
     async def peek(self, limit: int, after: int = 0) -> list[SpooledEvent]:
-        """The oldest ``limit`` spooled events with ``seq > after``. Read on a reader thread
-        with its own connection (WAL lets it read while the writer commits), so reads never
-        wait behind an fsync."""
+        """The oldest ``limit`` spooled events with ``seq > after``, less any deleted (or being
+        deleted) while the read ran. Read on a reader thread with its own connection (WAL lets
+        it read while the writer commits), so reads never wait behind an fsync."""
         assert self._loop is not None
-        return await self._loop.run_in_executor(self._reader, self._read, limit, after)
+        gone: set[int] = set()
+        self._reads.append(gone)
+        try:
+            rows = await self._loop.run_in_executor(self._reader, self._read, limit, after)
+        finally:
+            self._reads.remove(gone)
+        return [r for r in rows if r.seq not in gone and r.seq not in self.deleting]
 
     def _read(self, limit: int, after: int) -> list[SpooledEvent]:
         conn = self._reader_conn

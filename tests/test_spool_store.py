@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from relay.dedup import MemoryDedupStore, digest
 from relay.errors import BrokerUnavailable
 from relay.publish import Envelope
 from relay.routing import Route
-from relay.spool import Spool, SpoolError
+from relay.spool import Spool, SpooledEvent, SpoolError
 from tests.conftest import wait_for
 
 
@@ -227,3 +228,29 @@ async def test_a_write_failure_answers_spool_error(
 
     assert info.value.reason == "spool_error"
     assert (spool.depth, spool.bytes) == (0, 0)
+
+
+async def test_a_row_deleted_while_a_read_runs_is_not_read(make_spool: SpoolFactory) -> None:
+    """A row deleted (a late confirm, a confirmed forward) while the forwarder's read is under
+    way is not in that read's result, although the read's snapshot still held it: it would
+    otherwise be forwarded a second time."""
+    spool = make_spool()
+    await spool.open()
+    first = await spool.put(envelope(1), "test")
+    await spool.put(envelope(2), "test")
+    snapshot_taken, release = threading.Event(), threading.Event()
+    read = spool._read
+
+    def read_then_wait(limit: int, after: int) -> list[SpooledEvent]:
+        rows = read(limit, after)
+        snapshot_taken.set()
+        release.wait(10)
+        return rows
+
+    spool._read = read_then_wait  # type: ignore[method-assign]
+    reading = asyncio.ensure_future(spool.peek(10))
+    assert await asyncio.to_thread(snapshot_taken.wait, 10)
+    await spool.delete([first])
+    release.set()
+
+    assert [row.envelope.message_id for row in await reading] == ["token-x:order.created:r-2"]
