@@ -560,7 +560,10 @@ class Spool:
         try:
             while True:
                 try:
-                    first = self._queue.get(timeout=KEY_FLUSH_INTERVAL if self._keys else None)
+                    # Always a timeout: keys appended while this thread waits do not wake it
+                    # (remember_key does not signal), so an unbounded wait would leave them
+                    # unwritten until some other spool write came along.
+                    first = self._queue.get(timeout=KEY_FLUSH_INTERVAL)
                 except queue.Empty:
                     first = _FLUSH_KEYS
                 batch = [first]
