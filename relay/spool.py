@@ -419,6 +419,9 @@ class Spool:
         self.held.pop(seq, None)
         confirmed = not task.cancelled() and task.exception() is None
         if confirmed and self.opened.is_set():
+            # Marked now, not when the delete task below starts: a forwarder reading the row
+            # in between must skip it, or it publishes a second copy.
+            self.deleting.add(seq)
             self.late_confirms += 1
             log.info("spool.late_confirm", seq=seq)
             task_ = asyncio.ensure_future(self.delete([seq]))

@@ -1,8 +1,9 @@
-"""Spool durability at the edges: delivered keys reach the file while nothing else is written.
-Real relays, real RabbitMQ, real SQLite."""
+"""Spool durability at the edges: delivered keys reach the file while nothing else is written,
+and a late confirm never lets its row be forwarded. Real relays, real RabbitMQ, real SQLite."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 import threading
@@ -13,6 +14,8 @@ import aiohttp
 import orjson
 
 from relay.dedup import digest
+from relay.publish import Envelope
+from relay.routing import Route
 from relay.spool import Spool
 from tests.conftest import (
     TOKEN,
@@ -112,3 +115,47 @@ async def test_kill_9_after_a_confirmed_event_keeps_its_retry_a_duplicate(
     assert answer[1]["status"] == "accepted"
     assert retry == (200, {**answer[1], "status": "duplicate"})
     assert tap.empty()
+
+
+def _envelope(n: int) -> Envelope:
+    return Envelope(
+        b'{"event":"order.created","reference":"late-%d"}' % n,
+        Route("retm.events", "order.created"),
+        f"token-x:order.created:late-{n}",
+        "order.created",
+        1_700_000_000.0 + n,
+        {"x-retm-event": "order.created"},
+    )
+
+
+async def test_a_late_confirmed_row_is_not_forwardable_before_its_delete_runs(
+    tmp_path: Path,
+) -> None:
+    """The moment a held row's timed-out publish is confirmed, the row counts as being
+    deleted: a forwarder reading the spool before the delete has started skips it, so the
+    late confirm is the only copy (the forwarder skips rows that are held or being deleted)."""
+    spool = Spool(
+        tmp_path / "spool.db",
+        max_bytes=10_000_000,
+        max_events=1000,
+        dedup_ttl=3600.0,
+        dedup_max_entries=1000,
+    )
+    await spool.open()
+    try:
+        confirm: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        async def late_publish() -> bool:
+            return await confirm
+
+        pending = asyncio.ensure_future(late_publish())
+        seq = await spool.put(_envelope(1), "timeout", pending)
+        confirm.set_result(True)
+        await pending  # the hold's callback has run; the delete task has not started yet
+        forwardable = seq not in spool.held and seq not in spool.deleting
+        await wait_for(lambda: spool.depth == 0, what="the late-confirmed row to be deleted")
+    finally:
+        await spool.close()
+
+    assert not forwardable
+    assert spool.late_confirms == 1
