@@ -264,6 +264,9 @@ class Spool:
         self.held: dict[int, asyncio.Future[Any]] = {}
         #: seqs being deleted (confirmed); never forwarded again
         self.deleting: set[int] = set()
+        #: confirmed seqs whose delete failed (say the disk is full): they stay in
+        #: ``deleting`` and are deleted with the next delete that gets written
+        self.undeleted: set[int] = set()
         #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
         self.maybe_sent: set[int] = set()
         self.late_confirms = 0
@@ -432,7 +435,11 @@ class Spool:
 
     async def delete(self, seqs: list[int]) -> None:
         """Delete forwarded (or late-confirmed) rows; they are never forwarded again, even
-        while the delete is being committed. Raises BrokerUnavailable(``spool_error``)."""
+        while the delete is being committed, nor when it fails: then they stay in ``deleting``
+        and go with the next delete (a restart may forward them once more, with the same
+        message_id). Raises BrokerUnavailable(``spool_error``)."""
+        seqs = [*seqs, *self.undeleted]
+        self.undeleted.clear()
         self.deleting.update(seqs)
 
         def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
@@ -442,9 +449,11 @@ class Spool:
 
         try:
             count, size, oldest = await self._submit(run, "write")
-        finally:
-            self.deleting.difference_update(seqs)
-            self.maybe_sent.difference_update(seqs)
+        except (BrokerUnavailable, asyncio.CancelledError):
+            self.undeleted.update(seqs)
+            raise
+        self.deleting.difference_update(seqs)
+        self.maybe_sent.difference_update(seqs)
         self.depth -= count
         self.bytes -= size
         self.oldest_at = oldest if self.depth else None

@@ -1,5 +1,6 @@
 """Spool durability at the edges: delivered keys reach the file while nothing else is written,
-and a late confirm never lets its row be forwarded. Real relays, real RabbitMQ, real SQLite."""
+a late confirm never lets its row be forwarded, and a delete that cannot be written never
+makes the forwarder publish the same rows again. Real relays, real RabbitMQ, real SQLite."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from relay.app import FORWARDER, PUBLISHER, SPOOL
 from relay.dedup import digest
 from relay.publish import Envelope
 from relay.routing import Route
@@ -22,9 +24,12 @@ from tests.conftest import (
     Broker,
     Names,
     RelayProcess,
+    StartRelay,
+    proxy_url,
     relay_environ,
     wait_for,
 )
+from tests.proxy import FaultProxy
 
 
 def persisted_keys(path: Path) -> int:
@@ -159,3 +164,51 @@ async def test_a_late_confirmed_row_is_not_forwardable_before_its_delete_runs(
 
     assert not forwardable
     assert spool.late_confirms == 1
+
+
+async def test_a_failed_delete_does_not_forward_the_rows_again(
+    start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
+) -> None:
+    """Spooled events are forwarded and confirmed, but their delete cannot be written (here
+    another connection holds the spool's write lock; a full disk does the same): the
+    forwarder does not publish them again and again. Once the file is writable, the delete
+    is retried, and every event is on the queue exactly once."""
+    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy))
+    publisher, spool = relay.relay.app[PUBLISHER], relay.relay.app[SPOOL]
+    forwarder = relay.relay.app[FORWARDER]
+    tap = await broker.tap(names.exchange)
+    sent = [b'{"event":"order.created","reference":"undeleted-%d"}' % i for i in range(3)]
+    fault_proxy.cut()
+    await wait_for(lambda: not publisher.connected.is_set(), what="the link to drop")
+    answers = [await relay.event(b) for b in sent]
+    locker = sqlite3.connect(spool.path, timeout=5, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # the relay's writer now waits 5 s, then fails
+        fault_proxy.restore()
+        received = [await tap.get(timeout=15) for _ in sent]
+        # Either the forwarder publishes the rows again (the defect), or their delete fails
+        # and they stay marked as being deleted (nothing left to forward).
+        await wait_for(
+            lambda: (
+                forwarder.forwarded > len(sent)
+                or (forwarder._idle.is_set() and spool.depth == len(sent))
+            ),
+            timeout=15,
+            what="the failed delete to settle",
+        )
+        forwarded_while_locked = forwarder.forwarded
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await wait_for(lambda: spool.depth == 0, timeout=15, what="the delete to be retried")
+    sentinel = b'{"event":"order.created","reference":"undeleted-sentinel"}'
+    last = await relay.event(sentinel)
+    after = await tap.get(timeout=15)
+
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert [m.body for m in received] == sent
+    assert forwarded_while_locked == len(sent)
+    assert last.status == 200
+    assert last.body["status"] == "accepted"
+    assert after.body == sentinel
+    assert tap.empty()
