@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config",
         metavar="PATH",
+        # No default at any level: a subcommand's parser would otherwise overwrite a
+        # --config given before it (retm-relay --config PATH COMMAND) with its own None.
+        default=argparse.SUPPRESS,
         help="TOML configuration (default: $RELAY_CONFIG, else /etc/retm-relay/relay.toml, "
         "else built-in defaults)",
     )
@@ -322,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from relay.tokens_cli import add_arguments  # noqa: PLC0415
 
-    add_arguments(tokens)
+    add_arguments(tokens, common)
     return parser
 
 
@@ -330,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``retm-relay`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "config"):  # --config given nowhere (see build_parser)
+        args.config = None
     try:
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
     except ConfigError as exc:
