@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -92,6 +93,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
     from relay import send  # noqa: PLC0415
 
+    if args.path is not None and not args.path.startswith("/"):
+        return _fail("send", f"--path must start with /, not {args.path!r}", EXIT_USAGE)
     path = args.path or (settings.http.errors_path if args.errors else settings.http.events_path)
     try:
         url = args.url or send.default_url(settings, path)
@@ -206,12 +209,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         metavar="PATH",
+        # No default at any level: a subcommand's parser would otherwise overwrite a
+        # --config given before it (retm-relay --config PATH COMMAND) with its own None.
+        default=argparse.SUPPRESS,
         help="TOML configuration (default: $RELAY_CONFIG, else /etc/retm-relay/relay.toml, "
         "else built-in defaults)",
     )
@@ -275,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as a command line is visible to other users)",
     )
     send_p.add_argument(
-        "--timeout", type=float, default=15.0, help="seconds to wait for each answer (15)"
+        "--timeout", type=_positive_float, default=15.0, help="seconds to wait for each answer (15)"
     )
 
     tail_p = add(
@@ -322,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from relay.tokens_cli import add_arguments  # noqa: PLC0415
 
-    add_arguments(tokens)
+    add_arguments(tokens, common)
     return parser
 
 
@@ -330,10 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``retm-relay`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "config"):  # --config given nowhere (see build_parser)
+        args.config = None
     try:
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
     except ConfigError as exc:
         sys.stderr.write(f"retm-relay: configuration error: {exc}\n")
         return EXIT_USAGE
-    result: int = args.func(settings, args)
+    try:
+        result: int = args.func(settings, args)
+    except BrokenPipeError:  # stdout's reader stopped early (| head): stop quietly
+        return _quiet_broken_pipe()
     return result

@@ -162,7 +162,13 @@ class Forwarder:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_MIN
-            if not moved:  # nothing forwardable now (the head is held): wait for a change
+            if not moved and spool.undeleted:  # a delete failed (a full disk): retry it
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BACKOFF_MAX):
+                        await spool.changed.wait()
+                with contextlib.suppress(BrokerUnavailable):
+                    await spool.delete([])
+            elif not moved:  # nothing forwardable now (the head is held): wait for a change
                 await spool.changed.wait()
 
     async def drain(

@@ -17,6 +17,7 @@ from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -50,6 +51,26 @@ def _orjson_text(obj: Any, **_: Any) -> str:
 
 def _orjson_bytes(obj: Any, **_: Any) -> bytes:
     return orjson.dumps(obj, default=str)
+
+
+class BadRequestFilter(logging.Filter):
+    """For the ``aiohttp.server`` logger: a request its HTTP parser refuses (bad request
+    line, header or chunk, a line too long: an ``HttpProcessingError``) is logged by aiohttp
+    at ERROR with a traceback and an excerpt of the offending line, which can hold a Bearer
+    token. It becomes one WARNING line ``http.bad_request`` with ``remote`` (the client's
+    address), ``reason`` (the parser's error class) and ``status`` (400), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite such a record in place; let every other record through unchanged."""
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg, record.args = "http.bad_request", ()
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.remote, record.reason, record.status = remote, type(error).__name__, error.code
+        return True
 
 
 def configure_logging(
@@ -97,13 +118,20 @@ def configure_logging(
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, _logger_name],
+            foreign_pre_chain=[
+                *shared,
+                _logger_name,
+                structlog.stdlib.ExtraAdder(allow=("remote", "reason", "status")),
+            ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_no)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server.filters):
+        server.addFilter(BadRequestFilter())
     # One line per webhook is written by the relay itself; the access log would double it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # aiormq reports every reconnect attempt at WARNING; the relay logs link changes once.

@@ -10,6 +10,7 @@ followed) and never through a proxy from the environment.
 
 from __future__ import annotations
 
+import http.client
 import ssl
 import urllib.error
 import urllib.request
@@ -111,17 +112,17 @@ def post(
     ``https://`` URL (default: the system's trusted CAs). Returns every HTTP answer (4xx and 5xx
     included); raises SendError when there is none.
     """
-    request = urllib.request.Request(  # noqa: S310 - the operator's own relay URL
-        url,
-        data=body,
-        method="POST",
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-            "User-Agent": f"retm-relay-send/{__version__}",
-        },
-    )
     try:
+        request = urllib.request.Request(  # noqa: S310 - the operator's own relay URL
+            url,
+            data=body,
+            method="POST",
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+                "User-Agent": f"retm-relay-send/{__version__}",
+            },
+        )
         opener = _OPENER if context is None else _opener_with(context)
         with opener.open(request, timeout=timeout) as response:
             return Answer(response.status, response.read())
@@ -132,6 +133,8 @@ def post(
         raise SendError(f"the relay does not answer at {url}: {exc.reason}") from None
     except (TimeoutError, ConnectionError) as exc:
         raise SendError(f"the relay does not answer at {url}: {exc}") from None
+    except (ValueError, http.client.HTTPException) as exc:  # a URL it cannot post to
+        raise SendError(f"cannot post to {url}: {exc}") from None
 
 
 def read_body(name: str, stdin: IO[bytes]) -> bytes:

@@ -266,6 +266,9 @@ class Spool:
         self.deleting: set[int] = set()
         #: one set per read under way: seqs deleted meanwhile (see ``_forget``)
         self._reads: list[set[int]] = []
+        #: confirmed seqs whose delete failed (say the disk is full): they stay in
+        #: ``deleting`` and are deleted with the next delete that gets written
+        self.undeleted: set[int] = set()
         #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
         self.maybe_sent: set[int] = set()
         self.late_confirms = 0
@@ -421,9 +424,12 @@ class Spool:
         self.held.pop(seq, None)
         confirmed = not task.cancelled() and task.exception() is None
         if confirmed and self.opened.is_set():
+            # Marked now, not when the delete task below starts: a forwarder reading the row
+            # in between (even a read already under way) must skip it, or it publishes a
+            # second copy.
+            self._forget([seq])
             self.late_confirms += 1
             log.info("spool.late_confirm", seq=seq)
-            self._forget([seq])  # now, not when the delete task first runs
             task_ = asyncio.ensure_future(self.delete([seq]))
             task_.add_done_callback(_log_failure)
         else:
@@ -432,7 +438,11 @@ class Spool:
 
     async def delete(self, seqs: list[int]) -> None:
         """Delete forwarded (or late-confirmed) rows; they are never forwarded again, even
-        while the delete is being committed. Raises BrokerUnavailable(``spool_error``)."""
+        while the delete is being committed, nor when it fails: then they stay in ``deleting``
+        and go with the next delete (a restart may forward them once more, with the same
+        message_id). Raises BrokerUnavailable(``spool_error``)."""
+        seqs = [*seqs, *self.undeleted]
+        self.undeleted.clear()
         self._forget(seqs)
 
         def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
@@ -442,9 +452,11 @@ class Spool:
 
         try:
             count, size, oldest = await self._submit(run, "write")
-        finally:
-            self.deleting.difference_update(seqs)
-            self.maybe_sent.difference_update(seqs)
+        except (BrokerUnavailable, asyncio.CancelledError):
+            self.undeleted.update(seqs)
+            raise
+        self.deleting.difference_update(seqs)
+        self.maybe_sent.difference_update(seqs)
         self.depth -= count
         self.bytes -= size
         self.oldest_at = oldest if self.depth else None
@@ -576,7 +588,10 @@ class Spool:
         try:
             while True:
                 try:
-                    first = self._queue.get(timeout=KEY_FLUSH_INTERVAL if self._keys else None)
+                    # Always a timeout: keys appended while this thread waits do not wake it
+                    # (remember_key does not signal), so an unbounded wait would leave them
+                    # unwritten until some other spool write came along.
+                    first = self._queue.get(timeout=KEY_FLUSH_INTERVAL)
                 except queue.Empty:
                     first = _FLUSH_KEYS
                 batch = [first]

@@ -27,15 +27,25 @@ from relay.tokens import BUSINESS_RE, TokenRecord, TokenStoreError, make_token, 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``tokens`` sub-commands and their arguments."""
+def add_arguments(
+    parser: argparse.ArgumentParser, common: argparse.ArgumentParser | None = None
+) -> None:
+    """The ``tokens`` sub-commands and their arguments; ``common``: the options every command
+    takes (``--config``), so that they may also follow the action."""
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="show every token (fingerprint, never the token)")
+    parents = [common] if common is not None else []
+    listing = actions.add_parser(
+        "list", parents=parents, help="show every token (fingerprint, never the token)"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    add = actions.add_parser("add", help="create an extra token for BUSINESS and print it")
+    add = actions.add_parser(
+        "add", parents=parents, help="create an extra token for BUSINESS and print it"
+    )
     add.add_argument("business", help="RETM business_id")
     rotate = actions.add_parser(
-        "rotate", help="create a new token for BUSINESS; its older ones expire after --grace"
+        "rotate",
+        parents=parents,
+        help="create a new token for BUSINESS; its older ones expire after --grace",
     )
     rotate.add_argument("business", help="RETM business_id")
     rotate.add_argument(
@@ -45,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the older tokens stay valid (default: install.token_grace)",
     )
     revoke = actions.add_parser(
-        "revoke", help="refuse a token at once: by fingerprint, or every token of a business"
+        "revoke",
+        parents=parents,
+        help="refuse a token at once: by fingerprint, or every token of a business",
     )
     revoke.add_argument("selector", metavar="FINGERPRINT|BUSINESS")
 

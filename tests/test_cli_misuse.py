@@ -1,0 +1,108 @@
+"""The command line under careless use: every mistake ends with one line naming it and exit
+code 2 (usage) or 1 (runtime), never a Python traceback; a reader that stops early (``| head``)
+ends the command quietly. Real processes (``python -m relay``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.spool import connect
+from tests.cli import ROOT, cli_environ, run_cli
+
+
+@pytest.fixture
+def empty_config(tmp_path: Path) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[state]\ndir = "{tmp_path / "state"}"\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ("send", "--path", "retm/events", "{body}"),
+            2,
+            "retm-relay send: --path must start with /, not 'retm/events'\n",
+        ),
+        (
+            ("send", "--url", "http://127.0.0.1:notaport/retm/events", "{body}"),
+            1,
+            (
+                "retm-relay send: cannot post to http://127.0.0.1:notaport/retm/events: "
+                "nonnumeric port: 'notaport'\n"
+            ),
+        ),
+        (
+            ("send", "--url", "relay.example.com/retm/events", "{body}"),
+            1,
+            (
+                "retm-relay send: cannot post to relay.example.com/retm/events: "
+                "unknown url type: 'relay.example.com/retm/events'\n"
+            ),
+        ),
+    ],
+    ids=["path-without-slash", "url-bad-port", "url-without-scheme"],
+)
+async def test_send_names_a_bad_target_without_a_traceback(
+    args: tuple[str, ...], code: int, message: str, empty_config: Path, tmp_path: Path
+) -> None:
+    """A path or URL that cannot be posted to is one line on stderr, with its exit code."""
+    body = tmp_path / "body.json"
+    body.write_bytes(b'{"event":"order.created","reference":"misuse-1"}')
+    environ = cli_environ(empty_config, RELAY_AUTH_TOKENS="misuse-token-0123456789")
+
+    result = await run_cli(*(a.format(body=body) for a in args), env=environ)
+
+    assert (result.code, result.stdout, result.stderr) == (code, "", message)
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
+async def test_send_refuses_a_timeout_that_is_not_a_positive_number(
+    timeout: str, empty_config: Path, tmp_path: Path
+) -> None:
+    """``--timeout`` must be a positive number of seconds: anything else is a usage error."""
+    body = tmp_path / "body.json"
+    body.write_bytes(b"{}")
+    environ = cli_environ(empty_config, RELAY_AUTH_TOKENS="misuse-token-0123456789")
+
+    result = await run_cli("send", "--timeout", timeout, str(body), env=environ)
+
+    assert result.code == 2
+    assert result.stderr.endswith(
+        f"retm-relay send: error: argument --timeout: must be a positive number, not {timeout!r}\n"
+    )
+
+
+async def test_a_reader_that_stops_early_ends_the_command_quietly(
+    empty_config: Path, tmp_path: Path
+) -> None:
+    """``retm-relay spool stats | head -1``: stdout closes before the command has written
+    everything; it exits 0 and prints nothing on stderr (no BrokenPipeError traceback)."""
+    connect(tmp_path / "state" / "spool.db").close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relay",
+            "spool",
+            "stats",
+            env=cli_environ(empty_config),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+
+    assert (process.returncode, err.decode()) == (0, "")
