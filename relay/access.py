@@ -145,6 +145,7 @@ class Access:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
+        self.max_body_bytes = http.max_body_bytes
         self.trusted = Networks(http.trusted_proxies)
         self.allowed = Networks(http.allow_sources)
         self.limiter = (
@@ -204,11 +205,18 @@ class Access:
             request = request.clone(remote=client)
         return await handler(request)
 
+    def _check_length(self, request: web.BaseRequest) -> None:
+        """Raise Rejection 413 when ``Content-Length`` announces more than the limit."""
+        limit = self.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise Rejection(413, "payload_too_large", f"the body must be at most {limit} bytes")
+
     def expect_handler(self, authenticator: TokenAuthenticator, route_name: str) -> ExpectHandler:
         """An ``expect_handler`` for a Bearer-token route: ``Expect: 100-continue`` gets
         ``100 Continue`` only when the access rules and the token pass; otherwise the final
-        answer (401 with ``WWW-Authenticate``, 403, 429) comes before the body and the
-        connection closes. Any other expectation gets 417, as aiohttp does."""
+        answer (401 with ``WWW-Authenticate``, 403, 429, or 413 for a ``Content-Length`` over
+        ``http.max_body_bytes``) comes before the body and the connection closes. Any other
+        expectation gets 417, as aiohttp does."""
 
         async def expect(request: web.Request) -> web.StreamResponse | None:
             if request.version != HttpVersion11:
@@ -227,6 +235,7 @@ class Access:
                 remote = result[0]
             try:
                 check_token(authenticator, request)
+                self._check_length(request)
             except Rejection as rej:
                 self.metrics.rejected(rej.code)
                 log.warning(

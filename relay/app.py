@@ -48,6 +48,8 @@ WORKER: web.AppKey[WorkerInfo | None] = web.AppKey("worker")
 ACCESS = web.AppKey("access", Access)
 SPOOL = web.AppKey("spool", Spool)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+#: tokens shorter than this are accepted but logged at start-up (``auth.short_tokens``)
+MIN_TOKEN_CHARS = 16
 #: seconds the start waits for the broker's first answer (a topology mismatch then stops the
 #: start); a broker still silent after that no longer holds it up: events are spooled
 BROKER_START_WAIT = 1.0
@@ -136,6 +138,11 @@ def make_app(
         key_fields=settings.dedup.key_fields,
     )
 
+    short = sum(len(spec.token.value) < MIN_TOKEN_CHARS for spec in settings.auth.tokens)
+    if short:  # the token is the only protection of a webhook (RETM signs nothing)
+        structlog.get_logger("relay.auth").warning(
+            "auth.short_tokens", count=short, minimum=MIN_TOKEN_CHARS
+        )
     access = Access(settings.http, metrics)
     middlewares = [access.middleware, json_errors] if access.active else [json_errors]
     app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=middlewares)
@@ -409,12 +416,6 @@ def _add_flows(app: web.Application, clock: Callable[[], float]) -> None:
         )
         app[INSTALL] = flow
         app.router.add_post(settings.install.path, flow.handle)
-        if settings.install.path == "/retm/install" and not settings.install.require_data:
-            structlog.get_logger("relay.install").warning(
-                "install.unprotected",
-                detail="install.enabled with the default path and no require_data: anyone who "
-                "reaches the relay can mint a token; set an unguessable install.path",
-            )
 
 
 async def _token_registry(app: web.Application) -> AsyncIterator[None]:

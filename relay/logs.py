@@ -134,9 +134,15 @@ def configure_logging(
         server.addFilter(BadRequestFilter())
     # One line per webhook is written by the relay itself; the access log would double it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # aiormq reports every reconnect attempt at WARNING; the relay logs link changes once.
+    # aiormq reports every reconnect attempt (at WARNING, and "error when creating transport"
+    # at ERROR); the relay logs each change of a link once (broker.unreachable ...).
+    logging.getLogger("aiormq.connection").addFilter(_not_a_reconnect_attempt)
     logging.getLogger("aiormq").setLevel(max(level_no, logging.ERROR))
     logging.getLogger("aio_pika").setLevel(max(level_no, logging.ERROR))
+
+
+def _not_a_reconnect_attempt(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("error when creating transport")
 
 
 def _logger_name(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -764,6 +764,14 @@ def _mask_url(value: str) -> str:
 
 def _validate_flows(s: Settings) -> None:
     """The install and loyalty sections: paths distinct from the webhook paths, sane times."""
+    _check(
+        not s.install.enabled
+        or any(re.fullmatch(r"[A-Za-z0-9_-]{16,}", seg) for seg in s.install.path.split("/")),
+        "install.path",
+        "with install.enabled the path must be unguessable: it needs a random segment of at "
+        "least 16 letters, digits, '-' or '_', such as /retm/install/<python3 -c 'import "
+        "secrets; print(secrets.token_urlsafe(24))'> (whoever reaches the route can mint tokens)",
+    )
     taken = {s.http.events_path: "http.events_path", s.http.errors_path: "http.errors_path"}
     for key, path, enabled in (
         ("install.path", s.install.path, s.install.enabled),

@@ -202,7 +202,8 @@ class SpoolLock:
             os.close(fd)
             raise SpoolError(
                 f"the spool {self.path.with_suffix('')} is in use by another process "
-                "(a running relay); give each process its own spool.file"
+                "(a running relay: stop it first, or, for a second relay, give it another "
+                "state.dir or spool.file)"
             ) from None
         self._fd = fd
 
@@ -272,6 +273,8 @@ class Spool:
         #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
         self.maybe_sent: set[int] = set()
         self.late_confirms = 0
+        #: why the last spool write failed (disk full, I/O error), until one succeeds
+        self.write_error: str | None = None
         self.spooled_total = 0
         #: transactions committed by the writer thread (group commit: fewer than writes)
         self.commits = 0
@@ -533,6 +536,8 @@ class Spool:
         """None when the spool can take events, else the reason."""
         if not self.opened.is_set():
             return "spool not open"
+        if self.write_error is not None:
+            return f"spool writes failing: {self.write_error}"
         if self.full:
             return (
                 f"spool full: {self.depth} events, {self.bytes} bytes "
@@ -641,9 +646,14 @@ class Spool:
                     conn.execute("ROLLBACK")
                 error = BrokerUnavailable("spool_error", f"the spool write failed: {exc}")
                 results += [(op.future, None, error) for op in writes]
-                log.error("spool.write_failed", error=str(exc), operations=len(writes))
+                if self.write_error is None:  # one line per change of state, not per write
+                    log.error("spool.write_failed", error=str(exc), operations=len(writes))
+                self.write_error = str(exc)
             else:
                 results += [(op.future, v, None) for op, v in zip(writes, values, strict=True)]
+                if self.write_error is not None:
+                    log.info("spool.write_recovered", error=self.write_error)
+                    self.write_error = None
         for op in ops:
             if op.kind == "read":
                 try:

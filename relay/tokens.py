@@ -409,7 +409,7 @@ class TokenRegistry:
         """Registry state for ``/health``."""
         now = self.clock()
         return {
-            "store": type(self.store).__name__.removesuffix("TokenStore").lower(),
+            "store": "redis" if isinstance(self.store, RedisTokenStore) else "state",
             "loaded": self.loaded.is_set(),
             "tokens": len(self._records),
             "active": sum(1 for r in self._records.values() if r.active(now)),

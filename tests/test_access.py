@@ -318,6 +318,24 @@ async def test_expect_100_continue_with_a_bad_token_is_refused_before_the_body(
     await _only_sentinel(relay, tap)
 
 
+async def test_expect_100_continue_with_a_body_over_the_limit_gets_413_before_it(
+    relay: RunningRelay, broker: Broker, names: Names
+) -> None:
+    """A good token announcing a body over ``http.max_body_bytes`` gets the final 413 (no
+    ``100 Continue``) with ``Connection: close``: the client never sends the body."""
+    tap = await broker.tap(names.exchange)
+    headers = {**HEADERS, "Expect": "100-continue"}
+    reader, writer = await send_head(relay, "/retm/events", headers, 1_048_577)
+
+    status, response_headers, body = await read_response(reader)
+    writer.close()
+
+    assert status == 413
+    assert response_headers["connection"] == "close"
+    assert orjson.loads(body)["error"] == "payload_too_large"
+    await _only_sentinel(relay, tap)
+
+
 async def test_expect_100_continue_with_a_good_token_continues(
     relay: RunningRelay, broker: Broker, names: Names
 ) -> None:

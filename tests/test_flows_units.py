@@ -203,3 +203,15 @@ async def test_reply_cache_ttl_and_bound() -> None:
     assert await cache.get("b") is None
     assert await cache.get("c") is None
     assert len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "path", ["/retm/install", "/retm/install/short", "/retm/install/abcdefghijklmno"]
+)
+def test_install_enabled_refuses_a_guessable_path(path: str) -> None:
+    """With install.enabled, whoever reaches the route mints tokens: a path without a random
+    segment of 16+ characters stops the start, naming install.path."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"RELAY_INSTALL_ENABLED": "true", "RELAY_INSTALL_PATH": path})
+    assert caught.value.key == "install.path"
+    assert load_settings(None, {"RELAY_INSTALL_PATH": path}).install.path == path

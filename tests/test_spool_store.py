@@ -230,6 +230,28 @@ async def test_a_write_failure_answers_spool_error(
     assert (spool.depth, spool.bytes) == (0, 0)
 
 
+async def test_failing_writes_make_the_spool_unready_until_one_succeeds(
+    make_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    """While spool writes fail (here another connection holds the write lock, as a full disk
+    would refuse them), readiness names the failure; the next write that succeeds clears it."""
+    spool = make_spool()
+    await spool.open()
+    blocker = sqlite3.connect(tmp_path / "spool.db", timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    with pytest.raises(BrokerUnavailable):
+        await spool.put(envelope(1), "timeout")
+    reason = spool.readiness()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await spool.put(envelope(2), "timeout")
+
+    assert reason is not None
+    assert reason.startswith("spool writes failing: database is locked")
+    assert spool.readiness() is None
+
+
 async def test_a_row_deleted_while_a_read_runs_is_not_read(make_spool: SpoolFactory) -> None:
     """A row deleted (a late confirm, a confirmed forward) while the forwarder's read is under
     way is not in that read's result, although the read's snapshot still held it: it would
