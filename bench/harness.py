@@ -81,6 +81,17 @@ class ProcessTree:
 # -- helpers -------------------------------------------------------------------------------
 
 
+def pids_named(name: str) -> list[int]:
+    """The pids of the live processes whose command name (``/proc/PID/comm``) is ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+    return found
+
+
 def free_port(span: int = 1) -> int:
     """A port P on 127.0.0.1 such that P .. P+span-1 are all free right now."""
     for _ in range(200):
