@@ -86,8 +86,11 @@ async def wrk(
     return result
 
 
-async def openloop(url: str, *, token: str, rate: float, seconds: float) -> dict[str, Any]:
-    """bench/openloop.py at ``rate`` req/s for ``seconds`` against ``url``: its JSON summary."""
+async def openloop(
+    url: str, *, token: str, rate: float, seconds: float, warmup: float = 1
+) -> dict[str, Any]:
+    """bench/openloop.py at ``rate`` req/s for ``seconds`` (after ``warmup`` seconds at the same
+    rate, not counted) against ``url``: its JSON summary."""
     return await run_json(
         [
             sys.executable,
@@ -100,6 +103,8 @@ async def openloop(url: str, *, token: str, rate: float, seconds: float) -> dict
             str(rate),
             "--seconds",
             str(seconds),
+            "--warmup",
+            str(warmup),
             "--run-id",
             uuid.uuid4().hex[:8],
         ]

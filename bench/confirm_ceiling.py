@@ -5,10 +5,11 @@ persistent, mandatory messages to EXCHANGE (which the runner binds a queue to), 
 aio-pika channel with publisher confirms, through aiormq's ``basic_publish`` with properties built
 once (the cheapest path aio-pika offers). Two phases:
 
+- open loop: RATE publishes per second for OPEN_SECONDS, after WARMUP seconds at that rate,
+  each timed from its scheduled start to its confirm: p50/p99/p99.9/max;
 - closed loop: IN_FLIGHT publishes outstanding at all times (as many as the HTTP benchmark's
-  connections), for SECONDS after a short warm-up: confirms per second, CPU seconds per 1,000;
-- open loop: RATE publishes per second for OPEN_SECONDS, each timed from its scheduled start to
-  its confirm: p50/p99/p99.9/max.
+  connections), for SECONDS after WARMUP seconds of the same: confirms per second, CPU seconds
+  per 1,000.
 
 Prints one JSON object on stdout. No relay can confirm faster than this through one channel.
 
@@ -72,27 +73,35 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.gather(*(worker() for _ in range(args.in_flight)))
         return done, time.perf_counter() - started
 
+    async def open_loop(seconds: float) -> list[float]:
+        total = int(args.rate * seconds)
+        latencies: list[float] = [0.0] * total
+        start = time.perf_counter() + 0.05
+
+        async def timed(i: int, intended: float) -> None:
+            await publish()
+            latencies[i] = time.perf_counter() - intended
+
+        tasks = []
+        for i in range(total):
+            intended = start + i / args.rate
+            delay = intended - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(timed(i, intended)))
+        await asyncio.gather(*tasks)
+        return latencies
+
+    # As the HTTP targets: the open loop first, warmed up at its own rate; then the closed loop.
+    await open_loop(args.warmup)
+    latencies = await open_loop(args.open_seconds)
+    total = len(latencies)
+
     await closed_loop(args.warmup)
     cpu0 = time.process_time()
     confirms, elapsed = await closed_loop(args.seconds)
     cpu = time.process_time() - cpu0
 
-    total = int(args.rate * args.open_seconds)
-    latencies: list[float] = [0.0] * total
-    start = time.perf_counter() + 0.05
-
-    async def timed(i: int, intended: float) -> None:
-        await publish()
-        latencies[i] = time.perf_counter() - intended
-
-    tasks = []
-    for i in range(total):
-        intended = start + i / args.rate
-        delay = intended - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(timed(i, intended)))
-    await asyncio.gather(*tasks)
     await connection.close()
     return {
         "closed": {

@@ -3,12 +3,12 @@ in Redis so that several relay instances (or workers) act as one.
 
 One Redis key per dedup key, ``<dedup.redis_prefix><dedup key>`` (``retm-relay:dedup:...``):
 
-- **claim**: ``SET key <owner> NX PX <lease> GET``, one round trip that either claims the key or
-  returns what it holds. ``<owner>`` is a random id of this process plus a counter. The lease
-  (a little over ``amqp.publish_timeout``) frees the claim of an owner that crashed.
-- **commit**: a Lua script sets ``delivered`` with ``PX <dedup.ttl>`` only if the key still
-  holds this owner's claim, or nothing (the lease ran out and nobody claimed the key since).
-- **release**: a Lua script deletes the key only if it still holds this owner's claim.
+- **claim**: the key is set to ``<owner>`` with ``PX <lease>`` when it does not exist, else what it
+  holds is returned. ``<owner>`` is a random id of this process plus a counter. The lease (a
+  little over ``amqp.publish_timeout``) frees the claim of an owner that crashed.
+- **commit**: the key is set to ``delivered`` with ``PX <dedup.ttl>`` only if it still holds this
+  owner's claim, or nothing (the lease ran out and nobody claimed the key since).
+- **release**: the key is deleted only if it still holds this owner's claim.
 
 A duplicate that arrives while the first delivery is in flight waits for that outcome and answers
 the same way (``Verdict``): on the same process it waits on the owner's future, without Redis; on
@@ -21,13 +21,17 @@ When Redis cannot be reached (refused, ``dedup.redis_timeout`` exceeded, LOADING
 the store is *down*: it stops sending to Redis, probes it with PING (0.25 s doubling to 5 s), and
 meanwhile either raises StoreUnavailable (``on_store_failure = "reject"``: the ingest answers 503
 with Retry-After) or answers from the in-memory store of this process (``"local"``: counted in
-``local_fallbacks``, logged once per outage). Redis 7.0 or newer is used natively; older servers
-(6.x) get the same claim as a Lua script.
+``local_fallbacks``, logged once per outage).
 
-Claims, commits and releases go out *auto-pipelined*: the commands issued during one event-loop
-turn are sent in one pipeline (one write, one round trip), as the Redis clients of other
-languages do under load. redis-py's per-command bookkeeping (a pooled connection checked out,
-a retry wrapper, a parse) cost a third of the relay's time per webhook when sent one by one.
+Claims, commits and releases are *batched*: those issued during one event-loop turn (and while
+the previous batch is at Redis) go to Redis as one call of a Lua script (``_BATCH``, by EVALSHA)
+that applies each operation atomically, in the order issued, and returns one reply per
+operation. One batch is at Redis at a time, so operations on a key are applied in the order this
+process issued them. redis-py's per-command bookkeeping (packing, a pooled connection, a retry
+wrapper, a parse) is paid once per batch instead of once per webhook: sent one command per
+webhook, it cost a third of the relay's time; pipelined, a fifth (py-spy, ``make bench
+BENCH_ARGS="--only redis --profile"``). The script needs Redis 2.6.12 or newer (``SET ... PX``);
+all keys of a batch must live on one server, so Redis Cluster is not supported.
 """
 
 from __future__ import annotations
@@ -59,69 +63,93 @@ DELIVERED = b"delivered"
 STORE_ERRORS = (RedisError, OSError)
 PROBE_MIN, PROBE_MAX = 0.25, 5.0
 POLL_MIN, POLL_MAX = 0.005, 0.1
-NATIVE_CLAIM_VERSION = (7, 0)  # SET ... NX ... GET
 
-# KEYS[1] the key; ARGV[1] owner, ARGV[2] the delivered marker, ARGV[3] ttl in ms.
-_COMMIT = """
-local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] or not held then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
+# One batch of operations, each atomic, applied in order. KEYS[i]: the Redis key of operation i.
+# ARGV[1] lease in ms, ARGV[2] ttl in ms, ARGV[3] the delivered marker; then for operation i,
+# ARGV[2 + 2i] its kind (c: claim, d: commit as delivered, r: release) and ARGV[3 + 2i] the owner.
+# Replies, one per operation: claim: "" when the owner now holds the key, else what it held;
+# commit: 1, or 0 when another owner holds the key; release: 1 when deleted, else 0.
+_BATCH = """
+local lease, ttl, delivered = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind, owner = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local held = redis.call('GET', key)
+  if kind == 'c' then
+    if held then
+      out[i] = held
+    else
+      redis.call('SET', key, owner, 'PX', lease)
+      out[i] = ''
+    end
+  elseif kind == 'd' then
+    if held == owner or not held then
+      redis.call('SET', key, delivered, 'PX', ttl)
+      out[i] = 1
+    elseif held == delivered then
+      out[i] = 1
+    else
+      out[i] = 0
+    end
+  elseif held == owner then
+    redis.call('DEL', key)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-if held == ARGV[2] then return 1 end
-return 0
+return out
 """
-# KEYS[1] the key; ARGV[1] owner.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# SET NX PX GET for Redis before 7.0. KEYS[1] the key; ARGV[1] owner, ARGV[2] lease in ms.
-_CLAIM = """
-local held = redis.call('GET', KEYS[1])
-if held then return held end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
-"""
+CLAIM, COMMIT, RELEASE = b"c", b"d", b"r"
 
 
-class _AutoPipeline:
-    """Sends the commands issued during one event-loop turn in one pipeline.
+class _Batcher:
+    """Sends the claims, commits and releases issued meanwhile as one call of ``_BATCH``.
 
-    ``call(name, *args, **options)`` queues the client method ``name`` (``set``, ``eval``) and
-    returns a future of its reply, parsed as that method parses it; a reply that is an error
-    (such as READONLY or LOADING) becomes the future's exception, and so does a connection
-    error for the whole batch. The caller catches ``STORE_ERRORS`` as for a direct command.
+    ``call(kind, rkey, owner)`` queues one operation and returns a future of its reply (see
+    ``_BATCH``). The queue goes out at the end of the event-loop turn, or when the batch at
+    Redis answers: one batch at a time, in the order issued. An error (a connection error, a
+    timeout, an error reply such as READONLY or LOADING) becomes the exception of every future
+    of its batch; the caller catches ``STORE_ERRORS`` as for a direct command.
     """
 
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._queue: list[tuple[str, tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+    def __init__(self, redis: Redis, *, lease_ms: int, ttl_ms: int) -> None:
+        self.script = redis.register_script(_BATCH)
+        self._head = (lease_ms, ttl_ms, DELIVERED)
+        self._queue: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]] = []
+        self._sending: asyncio.Task[None] | None = None
+        self._flush_soon = False
 
-    def call(self, name: str, *args: Any, **options: Any) -> asyncio.Future[Any]:
-        """Queue one command for this turn's pipeline."""
+    def call(self, kind: bytes, rkey: bytes, owner: bytes) -> asyncio.Future[Any]:
+        """Queue one operation for the next batch."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
+        self._queue.append((kind, rkey, owner, future))
+        if self._sending is None and not self._flush_soon:
+            self._flush_soon = True
             loop.call_soon(self._flush)
-        self._queue.append((name, args, options, future))
         return future
 
     def _flush(self) -> None:
+        self._flush_soon = False
+        if self._sending is not None or not self._queue:
+            return
         batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._sending = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add_done_callback(self._sent)
 
-    async def _send(
-        self, batch: list[tuple[str, tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]
-    ) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for name, args, options, _ in batch:
-            getattr(pipe, name)(*args, **options)
+    def _sent(self, _task: asyncio.Task[None]) -> None:
+        self._sending = None
+        if self._queue:
+            self._flush()
+
+    async def _send(self, batch: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]]) -> None:
+        keys = [rkey for _, rkey, _, _ in batch]
+        args: list[Any] = list(self._head)
+        for kind, _, owner, _ in batch:
+            args += (kind, owner)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self.script(keys=keys, args=args)
         except (*STORE_ERRORS, asyncio.CancelledError) as exc:
             for *_, future in batch:
                 if not future.done():
@@ -132,17 +160,13 @@ class _AutoPipeline:
                 raise
             return
         for (*_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
+            if not future.done():
                 future.set_result(reply)
 
     async def close(self) -> None:
-        """Let the pipelines under way finish."""
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        """Let the batch under way finish."""
+        if self._sending is not None:
+            await asyncio.gather(self._sending, return_exceptions=True)
 
 
 @dataclass(slots=True)
@@ -182,8 +206,7 @@ class RedisDedupStore:
     ttl: seconds a delivered key is kept. lease: seconds a claim lives without commit or release.
     wait_timeout: seconds a duplicate waits for the in-flight first delivery.
     prefix: prepended to every dedup key. on_store_failure: ``reject`` or ``local``.
-    address: where Redis is (no credentials), for ``status``. native_claim: ``None`` to pick
-    ``SET NX GET`` or the Lua claim from the server's version; ``False`` forces the Lua claim.
+    address: where Redis is (no credentials), for ``status``.
     """
 
     def __init__(
@@ -197,7 +220,6 @@ class RedisDedupStore:
         prefix: str = "retm-relay:dedup:",
         on_store_failure: Literal["reject", "local"] = "reject",
         address: str = "",
-        native_claim: bool | None = None,
     ) -> None:
         self.redis = redis
         self.fallback = fallback
@@ -216,7 +238,6 @@ class RedisDedupStore:
         self.failures = 0
         #: claims answered by the in-memory store because Redis was down (``local`` mode)
         self.local_fallbacks = 0
-        self._native_claim = native_claim
         self._ttl_ms = max(1, round(ttl * 1000))
         self._lease_ms = max(1, round(lease * 1000))
         self._instance = secrets.token_hex(8)
@@ -226,7 +247,7 @@ class RedisDedupStore:
         self._watches: dict[str, asyncio.Task[Verdict]] = {}
         self._remote_waiters = 0
         self._probe: asyncio.Task[None] | None = None
-        self._pipe = _AutoPipeline(redis)
+        self._batch = _Batcher(redis, lease_ms=self._lease_ms, ttl_ms=self._ttl_ms)
 
     def __len__(self) -> int:
         """Delivered keys remembered in this process (the local fallback store)."""
@@ -262,7 +283,7 @@ class RedisDedupStore:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
                 await task
-        await self._pipe.close()
+        await self._batch.close()
         await self.redis.aclose()
 
     # -- the DedupStore protocol ------------------------------------------------------------
@@ -312,9 +333,7 @@ class RedisDedupStore:
             return
         _settle(claim.outcome, delivered=True)
         try:
-            done = await self._pipe.call(
-                "eval", _COMMIT, 1, self._rkey(key), claim.owner, DELIVERED, self._ttl_ms
-            )
+            done = await self._batch.call(COMMIT, self._rkey(key), claim.owner)
         except STORE_ERRORS as exc:
             self.fallback.commit_now(key)
             self._failed("commit", exc)
@@ -336,7 +355,7 @@ class RedisDedupStore:
         if not self.up:
             return
         try:
-            await self._pipe.call("eval", _RELEASE, 1, self._rkey(key), claim.owner)
+            await self._batch.call(RELEASE, self._rkey(key), claim.owner)
         except STORE_ERRORS as exc:
             self._failed("release", exc)
 
@@ -380,11 +399,8 @@ class RedisDedupStore:
         return (self.prefix + key).encode("utf-8", "surrogatepass")
 
     async def _try_claim(self, rkey: bytes, owner: bytes) -> bytes | None:
-        """One round trip: None when ``owner`` now holds ``rkey``, else what it held."""
-        if self._native_claim:
-            held = await self._pipe.call("set", rkey, owner, nx=True, px=self._lease_ms, get=True)
-        else:
-            held = await self._pipe.call("eval", _CLAIM, 1, rkey, owner, self._lease_ms)
+        """One batched operation: None when ``owner`` now holds ``rkey``, else what it held."""
+        held: bytes = await self._batch.call(CLAIM, rkey, owner)
         return held or None
 
     async def _follow(self, outcome: asyncio.Future[bool]) -> Verdict:
@@ -492,8 +508,6 @@ class RedisDedupStore:
         if not self.server_version:
             info = await self.redis.info("server")
             self.server_version = str(info.get("redis_version", ""))
-            if self._native_claim is None:
-                self._native_claim = _version(self.server_version) >= NATIVE_CLAIM_VERSION
 
     def _mark_up(self) -> None:
         self.up = True
@@ -509,15 +523,6 @@ def _settle(outcome: asyncio.Future[bool], *, delivered: bool) -> None:
 def _describe(exc: BaseException) -> str:
     """A short reason; redis-py's messages name host and port, never the password."""
     return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:2]:
-        if not part.isdigit():
-            break
-        parts.append(int(part))
-    return tuple(parts)
 
 
 def _iso(ts: float) -> str:

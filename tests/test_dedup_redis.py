@@ -40,7 +40,6 @@ async def make_store(redis_prefix: str) -> AsyncIterator[Any]:
         lease: float = 5.0,
         wait_timeout: float = 5.0,
         on_store_failure: Any = "reject",
-        native_claim: bool | None = None,
     ) -> RedisDedupStore:
         store = RedisDedupStore(
             connect(url, timeout),
@@ -51,7 +50,6 @@ async def make_store(redis_prefix: str) -> AsyncIterator[Any]:
             prefix=redis_prefix,
             on_store_failure=on_store_failure,
             address="test",
-            native_claim=native_claim,
         )
         await store.start()
         stores.append(store)
@@ -177,21 +175,31 @@ async def test_commit_after_the_lease_lapsed_still_marks_delivered(
     assert await raw_redis.get(f"{redis_prefix}k1") == DELIVERED
 
 
-async def test_lua_claim_for_redis_before_7(
+async def test_operations_issued_together_are_applied_in_order(
     make_store: Any, raw_redis: redis.asyncio.Redis, redis_prefix: str
 ) -> None:
-    """The Lua claim used on Redis 6 (no SET NX GET) has the same semantics."""
-    a = await make_store(native_claim=False)
-    b = await make_store(native_claim=False)
+    """Claims, commits and releases issued in one event-loop turn go to Redis together and each
+    gets its own answer, applied in the order issued: 50 claims at once; 25 commits and 25
+    releases at once; then another instance finds 25 duplicates and claims 25; a release and a
+    claim of the same key issued together leave the key claimed by the second."""
+    a, b = await make_store(), await make_store()
+    keys = [f"k{i}" for i in range(50)]
+    rkeys = [f"{redis_prefix}{k}" for k in keys]
 
-    assert await a.claim("k1") is Verdict.CLAIMED
-    follower = asyncio.create_task(b.claim("k1"))
-    await wait_for(lambda: b.status()["remote_waits"] == 1, what="b to wait on a's claim")
-    await a.commit("k1")
+    assert await asyncio.gather(*(a.claim(k) for k in keys)) == [Verdict.CLAIMED] * 50
+    held = await raw_redis.mget(rkeys)
+    assert len(set(held)) == 50
+    assert all(h and h.startswith(a._instance.encode()) for h in held)
 
-    assert await follower is Verdict.DUPLICATE
-    assert await b.claim("k1") is Verdict.DUPLICATE
-    assert await raw_redis.get(f"{redis_prefix}k1") == DELIVERED
+    await asyncio.gather(*(a.commit(k) for k in keys[:25]), *(a.release(k) for k in keys[25:]))
+    assert await raw_redis.mget(rkeys) == [DELIVERED] * 25 + [None] * 25
+
+    verdicts = await asyncio.gather(*(b.claim(k) for k in keys))
+    assert verdicts == [Verdict.DUPLICATE] * 25 + [Verdict.CLAIMED] * 25
+
+    _, verdict = await asyncio.gather(b.release("k30"), a.claim("k30"))
+    assert verdict is Verdict.CLAIMED
+    assert (await raw_redis.get(rkeys[30])).startswith(a._instance.encode())
 
 
 async def test_unreachable_redis_rejects_then_recovers(
