@@ -41,11 +41,12 @@ class DedupStore(Protocol):
         ...
 
     async def commit(self, key: str) -> None:
-        """Mark a claimed key delivered for the TTL."""
+        """Mark a claimed key delivered for the TTL. Never raises: a shared store that cannot
+        be written logs it and remembers the key locally (the event is durable already)."""
         ...
 
     async def release(self, key: str) -> None:
-        """Give up a claim so a retry can claim the key again."""
+        """Give up a claim so a retry can claim the key again. Never raises."""
         ...
 
     def __len__(self) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import secrets
 import time
@@ -163,10 +164,13 @@ class _Batcher:
             if not future.done():
                 future.set_result(reply)
 
-    async def close(self) -> None:
-        """Let the batch under way finish."""
-        if self._sending is not None:
-            await asyncio.gather(self._sending, return_exceptions=True)
+    async def drain(self) -> None:
+        """Send what is queued and wait until every batch has been answered (or failed)."""
+        while self._sending is not None or self._queue:
+            if self._sending is None:
+                self._flush()
+            if self._sending is not None:
+                await asyncio.wait([self._sending])
 
 
 @dataclass(slots=True)
@@ -283,7 +287,7 @@ class RedisDedupStore:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
                 await task
-        await self._batch.close()
+        await self._batch.drain()
         await self.redis.aclose()
 
     # -- the DedupStore protocol ------------------------------------------------------------
@@ -322,8 +326,13 @@ class RedisDedupStore:
             return await self._claim_locally(key)
 
     async def commit(self, key: str) -> None:
-        """Mark ``key`` delivered for ``ttl`` and wake its waiters (as duplicates). Raises
-        StoreUnavailable when Redis cannot be written; the key is then remembered locally."""
+        """Mark ``key`` delivered for ``ttl`` and wake its waiters here (as duplicates).
+
+        Returns without waiting for Redis: the mark goes out with the next batch, and until it
+        lands the claim makes copies on other instances wait for it (operations of this process
+        reach Redis in the order issued). When Redis cannot be written the key is remembered
+        in this process, the failure is logged (``dedup.commit_failed``) and counted, and the
+        claim's lease frees the key for other instances. Never raises (see ``flush``)."""
         if key in self._local_claims:
             self._local_claims.discard(key)
             await self.fallback.commit(key)
@@ -332,17 +341,15 @@ class RedisDedupStore:
         if claim is None:
             return
         _settle(claim.outcome, delivered=True)
-        try:
-            done = await self._batch.call(COMMIT, self._rkey(key), claim.owner)
-        except STORE_ERRORS as exc:
-            self.fallback.commit_now(key)
-            self._failed("commit", exc)
-            raise StoreUnavailable(f"redis unreachable: {self.last_error}") from None
-        if not done:
-            log.warning("dedup.claim_lost", key=key, lease_seconds=self.lease)
+        if not self.up:  # known down: not sent, remembered here
+            self._commit_failed(key)
+            return
+        done = self._batch.call(COMMIT, self._rkey(key), claim.owner)
+        done.add_done_callback(functools.partial(self._committed, key))
 
     async def release(self, key: str) -> None:
-        """Give up the claim on ``key`` and wake its waiters (as failed). Never raises: when
+        """Give up the claim on ``key`` and wake its waiters (as failed). Waits for Redis, so
+        that a retry after the failure answer can claim the key anywhere; never raises: when
         Redis cannot be reached, the claim's lease frees the key."""
         if key in self._local_claims:
             self._local_claims.discard(key)
@@ -358,6 +365,10 @@ class RedisDedupStore:
             await self._batch.call(RELEASE, self._rkey(key), claim.owner)
         except STORE_ERRORS as exc:
             self._failed("release", exc)
+
+    async def flush(self) -> None:
+        """Wait until Redis has answered every operation issued so far (or they failed)."""
+        await self._batch.drain()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -397,6 +408,20 @@ class RedisDedupStore:
 
     def _rkey(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8", "surrogatepass")
+
+    def _committed(self, key: str, done: asyncio.Future[Any]) -> None:
+        exc = RedisConnectionError("closed") if done.cancelled() else done.exception()
+        if exc is not None:
+            self._failed("commit", exc)
+            self._commit_failed(key)
+        elif not done.result():
+            log.warning("dedup.claim_lost", key=key, lease_seconds=self.lease)
+
+    def _commit_failed(self, key: str) -> None:
+        """The event is durable but Redis lacks its mark: a retry on another instance may
+        publish a copy (same message_id, which consumers can drop); here it is a duplicate."""
+        self.fallback.commit_now(key)
+        log.warning("dedup.commit_failed", key=key, error=self.last_error)
 
     async def _try_claim(self, rkey: bytes, owner: bytes) -> bytes | None:
         """One batched operation: None when ``owner`` now holds ``rkey``, else what it held."""

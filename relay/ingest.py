@@ -373,12 +373,6 @@ class Ingest:
             committed = True
         except BrokerUnavailable as exc:
             return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
-        except StoreUnavailable as exc:
-            # Durable already; only the dedup mark is missing (a retry may publish a copy
-            # with the same message_id, which consumers can drop).
-            log.warning("dedup.commit_failed", key=key, error=str(exc))
-            committed = True
-            outcome = "accepted"
         finally:
             if not committed:
                 await self.dedup.release(key)

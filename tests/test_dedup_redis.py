@@ -68,7 +68,7 @@ async def test_commit_on_one_instance_is_a_duplicate_on_another(
     a, b = await make_store(), await make_store()
 
     assert await a.claim("k1") is Verdict.CLAIMED
-    await a.commit("k1")
+    await a.commit("k1")  # returns before Redis has the mark: b waits for it meanwhile
 
     assert await b.claim("k1") is Verdict.DUPLICATE
     assert await a.claim("k1") is Verdict.DUPLICATE
@@ -89,6 +89,7 @@ async def test_release_lets_another_instance_claim(
     assert await raw_redis.get(f"{redis_prefix}k1") is None
     assert await b.claim("k1") is Verdict.CLAIMED
     await b.commit("k1")
+    await b.flush()
     assert await raw_redis.get(f"{redis_prefix}k1") == DELIVERED
 
 
@@ -151,6 +152,7 @@ async def test_claim_of_a_crashed_owner_lapses_and_only_the_owner_settles_it(
     b_owners = [await raw_redis.get(k1), await raw_redis.get(k2)]
     with capture_logs() as logs:
         await a.commit("k1")  # too late: b holds the key now
+        await a.flush()
     await a.release("k2")
 
     assert [await raw_redis.get(k1), await raw_redis.get(k2)] == b_owners
@@ -158,6 +160,7 @@ async def test_claim_of_a_crashed_owner_lapses_and_only_the_owner_settles_it(
     assert [e["event"] for e in logs] == ["dedup.claim_lost"]
     await b.commit("k1")
     await b.release("k2")
+    await b.flush()
     assert [await raw_redis.get(k1), await raw_redis.get(k2)] == [DELIVERED, None]
 
 
@@ -171,6 +174,7 @@ async def test_commit_after_the_lease_lapsed_still_marks_delivered(
     await wait_for(lambda: _gone(raw_redis, f"{redis_prefix}k1"), what="the lease to lapse")
 
     await a.commit("k1")
+    await a.flush()
 
     assert await raw_redis.get(f"{redis_prefix}k1") == DELIVERED
 
@@ -192,6 +196,7 @@ async def test_operations_issued_together_are_applied_in_order(
     assert all(h and h.startswith(a._instance.encode()) for h in held)
 
     await asyncio.gather(*(a.commit(k) for k in keys[:25]), *(a.release(k) for k in keys[25:]))
+    await a.flush()
     assert await raw_redis.mget(rkeys) == [DELIVERED] * 25 + [None] * 25
 
     verdicts = await asyncio.gather(*(b.claim(k) for k in keys))
@@ -210,6 +215,7 @@ async def test_unreachable_redis_rejects_then_recovers(
     store = await make_store(_proxied(fault_redis))
     assert await store.claim("k1") is Verdict.CLAIMED
     await store.commit("k1")
+    await store.flush()
 
     fault_redis.cut()
     with pytest.raises(StoreUnavailable):
@@ -230,16 +236,30 @@ async def test_unreachable_redis_rejects_then_recovers(
 
 async def test_stalled_redis_fails_fast(make_store: Any, fault_redis: FaultProxy) -> None:
     """A Redis that stops answering (no RST, no FIN) fails the claim after dedup.redis_timeout,
-    not after RETM has given up."""
+    not after RETM has given up. A commit returns at once either way: when its mark cannot be
+    written (timed out in flight, or the store known down) it is logged and the key remembered
+    here, so the retry is still a duplicate on this instance."""
     store = await make_store(_proxied(fault_redis), timeout=0.3)
     assert await store.claim("k1") is Verdict.CLAIMED
+    assert await store.claim("k2") is Verdict.CLAIMED
+
+    fault_redis.stall()
+    with capture_logs() as logs:
+        await store.commit("k1")  # sent; Redis does not answer
+        await store.flush()
+    assert [e["event"] for e in logs] == ["dedup.store_down", "dedup.commit_failed"]
+    assert not store.up
+    fault_redis.restore()
+    await wait_for(lambda: store.up, what="the store to come back")
 
     fault_redis.stall()
     with pytest.raises(StoreUnavailable, match="TimeoutError"):
-        await store.claim("k2")
-    with pytest.raises(StoreUnavailable):
-        await store.commit("k1")  # durable already: the caller logs it and answers 2xx
-    assert await store.claim("k1") is Verdict.DUPLICATE  # remembered locally meanwhile
+        await store.claim("k3")
+    with capture_logs() as logs:
+        await store.commit("k2")  # known down: not sent
+    assert [e["event"] for e in logs] == ["dedup.commit_failed"]
+    assert await store.claim("k1") is Verdict.DUPLICATE
+    assert await store.claim("k2") is Verdict.DUPLICATE
 
     fault_redis.restore()
     await wait_for(lambda: store.up, what="the store to come back")
@@ -273,6 +293,7 @@ async def test_local_mode_falls_back_to_memory_and_back(
     assert await store.claim("k1") is Verdict.DUPLICATE
     assert await store.claim("k2") is Verdict.CLAIMED
     await store.commit("k2")
+    await store.flush()
     assert await raw_redis.get(f"{redis_prefix}k2") == DELIVERED
     assert await raw_redis.get(f"{redis_prefix}k1") is None
     assert store.local_fallbacks == 3
