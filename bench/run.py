@@ -722,7 +722,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         "--profile",
         action="store_true",
         help="after the measurements of the naive relay and of retm-relay with the memory "
-        "store, sample each with py-spy under load",
+        "store and with Redis, sample each with py-spy under load",
     )
     parser.add_argument("--profile-seconds", type=int, default=d.profile_seconds)
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {load['loadavg_start']} at the start, {load['loadavg_end']} at "
             "the end: other work was running, so these numbers are noisy."
         )
-    for target in ("naive", "relay"):
+    for target in ("naive", "relay", "redis"):
         prof = (results["targets"].get(target) or {}).get("profile")
         if prof and "error" in prof:
             print(f"profile of {LABELS[target]}: {prof['error']}")
