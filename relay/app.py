@@ -22,6 +22,7 @@ from relay.forward import Forwarder, StoreAndForward
 from relay.health import Health
 from relay.ingest import Ingest, error_response
 from relay.install import InstallFlow
+from relay.logs import count_bad_requests
 from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache
 from relay.metrics import Metrics
 from relay.publish import Envelope, Publisher
@@ -98,6 +99,7 @@ def make_app(
     next (SpoolError when another process holds it).
     """
     metrics = Metrics()
+    count_bad_requests(lambda: metrics.rejected("bad_http"))
     health = Health(metrics)
     router = Router(
         settings.amqp.routing_key_template, settings.amqp.exchange, settings.amqp.exchanges

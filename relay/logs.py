@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -58,12 +58,19 @@ class BadRequestFilter(logging.Filter):
     line, header or chunk, a line too long: an ``HttpProcessingError``) is logged by aiohttp
     at ERROR with a traceback and an excerpt of the offending line, which can hold a Bearer
     token. It becomes one WARNING line ``http.bad_request`` with ``remote`` (the client's
-    address), ``reason`` (the parser's error class) and ``status`` (400), nothing else."""
+    address), ``reason`` (the parser's error class) and ``status`` (400), nothing else, and
+    ``on_bad_request`` (set by ``count_bad_requests``) is called once for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_bad_request: Callable[[], None] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite such a record in place; let every other record through unchanged."""
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
+            if self.on_bad_request is not None:
+                self.on_bad_request()
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
             record.msg, record.args = "http.bad_request", ()
             record.exc_info, record.exc_text = None, None
@@ -71,6 +78,24 @@ class BadRequestFilter(logging.Filter):
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.remote, record.reason, record.status = remote, type(error).__name__, error.code
         return True
+
+
+def count_bad_requests(callback: Callable[[], None]) -> None:
+    """Call ``callback`` once per request aiohttp's HTTP parser refuses (see BadRequestFilter;
+    the relay counts them as ``relay_rejected_total{reason="bad_http"}``). One callback per
+    process: the last one set wins."""
+    _bad_request_filter().on_bad_request = callback
+
+
+def _bad_request_filter() -> BadRequestFilter:
+    """The BadRequestFilter of the ``aiohttp.server`` logger (added when missing)."""
+    server = logging.getLogger("aiohttp.server")
+    for existing in server.filters:
+        if isinstance(existing, BadRequestFilter):
+            return existing
+    added = BadRequestFilter()
+    server.addFilter(added)
+    return added
 
 
 def configure_logging(
@@ -129,9 +154,7 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_no)
-    server = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, BadRequestFilter) for f in server.filters):
-        server.addFilter(BadRequestFilter())
+    _bad_request_filter()
     # One line per webhook is written by the relay itself; the access log would double it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # aiormq reports every reconnect attempt (at WARNING, and "error when creating transport"

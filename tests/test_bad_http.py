@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import TOKEN, Broker, Names, RelayProcess, relay_environ
+from tests.test_access import metric
 
 
 async def raw_request(url: str, data: bytes) -> bytes:
@@ -51,7 +52,8 @@ async def test_malformed_http_is_one_warning_line_without_the_bytes(
 ) -> None:
     """The answer is a 400; the log has exactly one line for it, ``http.bad_request`` at
     WARNING with the client's address and the parser's error class, no traceback, and no
-    trace of the token anywhere in the relay's output."""
+    trace of the token anywhere in the relay's output; ``relay_rejected_total`` counts it
+    with reason ``bad_http``."""
     broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
     relay = await RelayProcess(relay_environ(names, tmp_path / "state")).start()
     try:
@@ -59,6 +61,7 @@ async def test_malformed_http_is_one_warning_line_without_the_bytes(
         before = len(relay.lines)
         answer = await raw_request(relay.url, request_bytes)
         line = await relay.wait_log("http.bad_request", timeout=10)
+        counted = await metric(relay.url, 'relay_rejected_total{reason="bad_http"}')
     finally:
         await relay.kill()
 
@@ -70,3 +73,4 @@ async def test_malformed_http_is_one_warning_line_without_the_bytes(
     assert line["reason"] in {"BadHttpMessage", "LineTooLong", "InvalidHeader"}
     assert "exception" not in line
     assert TOKEN not in relay.output()
+    assert counted == 1.0
