@@ -30,7 +30,7 @@ import aio_pika
 import uvloop
 from pamqp import commands as spec
 
-from bench.openloop import body_parts, summarize
+from bench.openloop import at_rate, body_parts, summarize
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "order.created.json"
 
@@ -82,14 +82,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await publish()
             latencies[i] = time.perf_counter() - intended
 
-        tasks = []
-        for i in range(total):
-            intended = start + i / args.rate
-            delay = intended - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(timed(i, intended)))
-        await asyncio.gather(*tasks)
+        await at_rate(args.rate, total, start, timed)
         return latencies
 
     # As the HTTP targets: the open loop first, warmed up at its own rate; then the closed loop.

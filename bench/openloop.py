@@ -22,6 +22,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -59,6 +60,22 @@ def summarize(latencies: list[float]) -> dict[str, float | int]:
     return {"count": len(ordered), **{k: round(v * 1000, 3) for k, v in ms.items()}}
 
 
+async def at_rate(
+    rate: float, total: int, start: float, job: Callable[[int, float], Awaitable[None]]
+) -> None:
+    """Start ``job(i, due)`` for each i below ``total`` at its due time ``start + i / rate``
+    (``time.perf_counter`` seconds), whether or not the earlier ones have finished; then wait
+    for all of them."""
+    tasks = []
+    for i in range(total):
+        intended = start + i / rate
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(job(i, intended)))
+    await asyncio.gather(*tasks)
+
+
 async def run(args: argparse.Namespace, fixture: bytes) -> dict[str, object]:
     prefix, suffix = body_parts(fixture)
     run_id = args.run_id or uuid.uuid4().hex[:8]
@@ -91,14 +108,7 @@ async def run(args: argparse.Namespace, fixture: bytes) -> dict[str, object]:
                     errors[name, type(exc).__name__] += 1
                 latencies[i] = time.perf_counter() - intended
 
-            tasks = []
-            for i in range(total):
-                intended = start + i / args.rate
-                delay = intended - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i, intended)))
-            await asyncio.gather(*tasks)
+            await at_rate(args.rate, total, start, one)
             return latencies, lags
 
         await phase("w", args.warmup)
