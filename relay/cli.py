@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from relay import __version__
+from relay.cli_args import Command, add_command, positive_float, positive_int
 from relay.errors import ConfigError
 from relay.settings import Settings, describe, load_settings, resolve_config_path
 from relay.spool_cli import add_spool_commands
@@ -196,29 +196,6 @@ def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
-Command = Callable[[Settings, argparse.Namespace], int]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -241,16 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, func: Command, help_text: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            parents=[common],
-            help=help_text,
-            description=help_text,
-            epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        return p
+        return add_command(sub, name, func, help_text, example, [common])
 
     add(
         "serve",
@@ -291,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as a command line is visible to other users)",
     )
     send_p.add_argument(
-        "--timeout", type=_positive_float, default=15.0, help="seconds to wait for each answer (15)"
+        "--timeout", type=positive_float, default=15.0, help="seconds to wait for each answer (15)"
     )
 
     tail_p = add(
@@ -312,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail_p.add_argument(
         "--count",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="exit after N events (default: run until Ctrl-C)",
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from relay.cli_args import Command, add_command, positive_int
 from relay.errors import RelayError
 from relay.settings import Settings
 from relay.spool import SpoolLock, read_events, read_stats
@@ -239,19 +240,8 @@ def add_spool_commands(add: AddCommand, common: argparse.ArgumentParser) -> None
     )
     sub = spool.add_subparsers(dest="spool_command", metavar="SUBCOMMAND", required=True)
 
-    def add_sub(
-        name: str, func: Callable[[Settings, argparse.Namespace], int], text: str, example: str
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            parents=[common, file_opt],
-            help=text,
-            description=text,
-            epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        return p
+    def add_sub(name: str, func: Command, text: str, example: str) -> argparse.ArgumentParser:
+        return add_command(sub, name, func, text, example, [common, file_opt])
 
     stats = add_sub(
         "stats",
@@ -266,7 +256,7 @@ def add_spool_commands(add: AddCommand, common: argparse.ArgumentParser) -> None
         "list spooled events, oldest first (safe while the relay runs)",
         "retm-relay spool list --limit 50 --newest",
     )
-    listing.add_argument("--limit", type=_positive, default=20, help="at most N (default 20)")
+    listing.add_argument("--limit", type=positive_int, default=20, help="at most N (default 20)")
     listing.add_argument("--newest", action="store_true", help="newest first")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     replay = add_sub(
@@ -276,7 +266,7 @@ def add_spool_commands(add: AddCommand, common: argparse.ArgumentParser) -> None
         "confirm (the relay must be stopped; progress on stderr)",
         "systemctl stop retm-relay && retm-relay spool replay --config /etc/retm-relay/relay.toml",
     )
-    replay.add_argument("--limit", type=_positive, help="replay at most N events")
+    replay.add_argument("--limit", type=positive_int, help="replay at most N events")
     purge = add_sub(
         "purge",
         cmd_purge,
@@ -285,13 +275,3 @@ def add_spool_commands(add: AddCommand, common: argparse.ArgumentParser) -> None
         "retm-relay spool purge --yes",
     )
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
