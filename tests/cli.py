@@ -11,14 +11,13 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import spawn_relay
 
 
 def cli_environ(config: Path, **overrides: str) -> dict[str, str]:
@@ -54,16 +53,10 @@ async def run_cli(
     *args: str, env: Mapping[str, str], stdin: bytes | None = None, timeout: float = 30
 ) -> Result:
     """Run ``retm-relay ARGS`` to completion; fails the test after ``timeout`` seconds."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
+    process = await spawn_relay(
         *args,
-        env=dict(env),
-        cwd=ROOT,
+        env=env,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     try:
         async with asyncio.timeout(timeout):
@@ -86,18 +79,7 @@ class CliProcess:
 
     @classmethod
     async def start(cls, *args: str, env: Mapping[str, str]) -> CliProcess:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relay",
-            *args,
-            env=dict(env),
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        return cls(process, args)
+        return cls(await spawn_relay(*args, env=env), args)
 
     async def stderr_line(self, containing: str, timeout: float = 15) -> str:
         """Wait for a stderr line containing ``containing``; fail on EOF or timeout."""

@@ -27,12 +27,14 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.service import Relay
 from relay.settings import Settings, load_settings
+from relay.spool import Spool
 from tests.proxy import FaultProxy
 
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 TOKEN = "test-token-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fixture_bytes(name: str) -> bytes:
@@ -338,6 +340,41 @@ async def assert_only_sentinel_follows(
     assert message.body == sentinel, f"unexpected message before the sentinel: {message.body!r}"
 
 
+async def spawn_relay(
+    *args: str,
+    env: Mapping[str, str],
+    stdin: Any = asyncio.subprocess.DEVNULL,
+    stdout: Any = asyncio.subprocess.PIPE,
+    stderr: Any = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """Start ``python -m relay ARGS`` (the production command line) in the project's root
+    with exactly ``env``; stdin, stdout and stderr as for ``create_subprocess_exec``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        *args,
+        env=dict(env),
+        cwd=ROOT,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def spool_at(path: Path, **limits: Any) -> Spool:
+    """An unopened Spool at ``path`` with roomy test limits (10 MB, 1,000 events, keys kept an
+    hour, 1,000 of them); ``limits`` overrides any of Spool's keyword arguments."""
+    options: dict[str, Any] = {
+        "max_bytes": 10_000_000,
+        "max_events": 1000,
+        "dedup_ttl": 3600.0,
+        "dedup_max_entries": 1000,
+        **limits,
+    }
+    return Spool(path, **options)
+
+
 class RelayProcess:
     """``python -m relay serve`` as a real child process (JSON logs on stdout), for signals.
 
@@ -360,16 +397,8 @@ class RelayProcess:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, *, wait_listening: bool = True) -> RelayProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relay",
-            "serve",
-            *self.args,
-            env=self.environ,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=str(Path(__file__).resolve().parent.parent),
+        self.proc = await spawn_relay(
+            "serve", *self.args, env=self.environ, stderr=asyncio.subprocess.STDOUT
         )
         self._reader = asyncio.create_task(self._read())
         if wait_listening:
@@ -399,6 +428,10 @@ class RelayProcess:
                     pytest.fail(f"relay exited before logging {event}: {self.output()}")
                 self._new_line.clear()
                 await self._new_line.wait()
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        """Every log line so far whose ``event`` is ``event``."""
+        return [line for line in self.lines if line.get("event") == event]
 
     def output(self) -> str:
         return b"".join(self.raw).decode(errors="replace")

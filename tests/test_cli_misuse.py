@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from relay.spool import connect
-from tests.cli import ROOT, cli_environ, run_cli
+from tests.cli import cli_environ, run_cli
+from tests.conftest import spawn_relay
 
 
 @pytest.fixture
@@ -88,17 +88,8 @@ async def test_a_reader_that_stops_early_ends_the_command_quietly(
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has gone before the first write
     try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relay",
-            "spool",
-            "stats",
-            env=cli_environ(empty_config),
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=write_end,
-            stderr=asyncio.subprocess.PIPE,
+        process = await spawn_relay(
+            "spool", "stats", env=cli_environ(empty_config), stdout=write_end
         )
     finally:
         os.close(write_end)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +32,7 @@ from tests.conftest import (
     fixture_bytes,
     proxy_url,
     relay_environ,
+    spawn_relay,
     wait_for,
 )
 from tests.proxy import FaultProxy
@@ -294,16 +294,7 @@ async def test_app_installed_is_published_after_a_broker_outage(
 async def run_cli(state_dir: Path, *args: str, extra: dict[str, str] | None = None) -> str:
     """Run ``python -m relay tokens ...`` as an operator would; returns its stdout."""
     env = {"PATH": os.environ.get("PATH", ""), "RELAY_STATE_DIR": str(state_dir), **(extra or {})}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "tokens",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_relay("tokens", *args, env=env)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return out.decode()

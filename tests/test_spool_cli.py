@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,8 @@ import pytest
 
 from relay.publish import Envelope
 from relay.routing import Route
-from relay.spool import Spool, connect, read_stats
-from tests.conftest import Broker, Names, relay_environ
-
-ROOT = Path(__file__).resolve().parent.parent
+from relay.spool import connect, read_stats
+from tests.conftest import Broker, Names, relay_environ, spawn_relay, spool_at
 
 
 @dataclass
@@ -43,11 +40,7 @@ def cli(names: Names, state: Path, broker: Broker) -> Cli:
     async def run(*args: str, stdin: bytes = b"") -> Result:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         env.update(relay_environ(names, state))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "spool", *args,
-            cwd=ROOT, env=env, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        process = await spawn_relay("spool", *args, env=env, stdin=asyncio.subprocess.PIPE)
         out, err = await process.communicate(stdin)
         assert process.returncode is not None
         return Result(process.returncode, out.decode(), err.decode())
@@ -69,13 +62,7 @@ def envelope(names: Names, n: int) -> Envelope:
 @pytest.fixture
 async def spooled(names: Names, state: Path) -> list[Envelope]:
     """Three events written to ``state/spool.db`` (the spool is closed again)."""
-    spool = Spool(
-        state / "spool.db",
-        max_bytes=10_000_000,
-        max_events=100,
-        dedup_ttl=3600,
-        dedup_max_entries=100,
-    )
+    spool = spool_at(state / "spool.db", max_events=100, dedup_max_entries=100)
     await spool.open()
     sent = [envelope(names, i) for i in range(3)]
     for e in sent:
@@ -157,9 +144,7 @@ async def test_replay_refuses_while_a_relay_holds_the_spool(
     cli: Cli, spooled: list[Envelope], state: Path
 ) -> None:
     """While another process has the spool open, ``replay`` exits 1 and changes nothing."""
-    holder = Spool(
-        state / "spool.db", max_bytes=10**7, max_events=10, dedup_ttl=60, dedup_max_entries=10
-    )
+    holder = spool_at(state / "spool.db")
     await holder.open()
     try:
         result = await cli("replay")

@@ -4,10 +4,8 @@ a real process (``python -m relay serve``), as systemd runs it."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,57 +14,16 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import TOKEN, Broker, Names, proxy_url, relay_environ, wait_for
+from tests.conftest import (
+    TOKEN,
+    Broker,
+    Names,
+    RelayProcess,
+    proxy_url,
+    relay_environ,
+    wait_for,
+)
 from tests.proxy import FaultProxy
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class RelayProcess:
-    """``python -m relay serve`` in a child process; ``url`` once it listens."""
-
-    def __init__(self, environ: dict[str, str]) -> None:
-        self.environ = environ
-        self.process: asyncio.subprocess.Process | None = None
-        self.url = ""
-        self.lines: list[dict[str, object]] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> RelayProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        env.update(self.environ, RELAY_LOG_FORMAT="json")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "serve",
-            cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        self._reader = asyncio.ensure_future(self._read())
-        await wait_for(lambda: bool(self.url), timeout=15, what="the relay to listen")
-        return self
-
-    async def _read(self) -> None:
-        assert self.process is not None
-        assert self.process.stdout is not None
-        async for raw in self.process.stdout:
-            try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            self.lines.append(line)
-            if line.get("event") == "relay.listening":
-                self.url = str(line["url"])
-
-    def logged(self, event: str) -> list[dict[str, object]]:
-        return [line for line in self.lines if line.get("event") == event]
-
-    async def kill(self, signum: int = signal.SIGKILL) -> int:
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
-        code = await self.process.wait()
-        if self._reader is not None:
-            await self._reader
-        return code
-
 
 Spawn = Callable[[dict[str, str]], Awaitable[RelayProcess]]
 
@@ -83,7 +40,7 @@ async def spawn(broker: Broker, names: Names) -> AsyncIterator[Spawn]:
 
     yield start
     for p in processes:
-        await p.kill(signal.SIGKILL)
+        await p.kill()
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, Any]:
@@ -118,7 +75,8 @@ async def test_kill_9_after_2xx_loses_nothing_and_retries_stay_duplicates(
         fault_proxy.cut()
         await wait_for(lambda: bool(first.logged("broker.disconnected")), what="the cut")
         b = await post(session, first.url, spooled)
-        code = await first.kill(signal.SIGKILL)
+        first.signal(signal.SIGKILL)
+        code = await first.wait()
         fault_proxy.restore()
         second = await spawn(environ)
         forwarded = await tap.get()

@@ -18,7 +18,6 @@ from relay.app import FORWARDER, PUBLISHER, SPOOL
 from relay.dedup import digest
 from relay.publish import Envelope
 from relay.routing import Route
-from relay.spool import Spool
 from tests.conftest import (
     TOKEN,
     Broker,
@@ -27,6 +26,7 @@ from tests.conftest import (
     StartRelay,
     proxy_url,
     relay_environ,
+    spool_at,
     wait_for,
 )
 from tests.proxy import FaultProxy
@@ -57,13 +57,7 @@ async def test_a_delivered_key_is_written_while_the_spool_is_otherwise_idle(
     """A key handed to ``remember_key`` reaches the file within the flush interval even when
     no other spool write follows to wake the writer thread (which is asleep, waiting for
     work, when the key arrives)."""
-    spool = Spool(
-        tmp_path / "spool.db",
-        max_bytes=10_000_000,
-        max_events=1000,
-        dedup_ttl=3600.0,
-        dedup_max_entries=1000,
-    )
+    spool = spool_at(tmp_path / "spool.db")
     await spool.open()
     try:
         seen = [False]
@@ -139,13 +133,7 @@ async def test_a_late_confirmed_row_is_not_forwardable_before_its_delete_runs(
     """The moment a held row's timed-out publish is confirmed, the row counts as being
     deleted: a forwarder reading the spool before the delete has started skips it, so the
     late confirm is the only copy (the forwarder skips rows that are held or being deleted)."""
-    spool = Spool(
-        tmp_path / "spool.db",
-        max_bytes=10_000_000,
-        max_events=1000,
-        dedup_ttl=3600.0,
-        dedup_max_entries=1000,
-    )
+    spool = spool_at(tmp_path / "spool.db")
     await spool.open()
     try:
         confirm: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

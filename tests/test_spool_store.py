@@ -16,7 +16,7 @@ from relay.errors import BrokerUnavailable
 from relay.publish import Envelope
 from relay.routing import Route
 from relay.spool import Spool, SpooledEvent, SpoolError
-from tests.conftest import wait_for
+from tests.conftest import spool_at, wait_for
 
 
 def envelope(n: int, body: bytes | None = None) -> Envelope:
@@ -38,14 +38,7 @@ async def make_spool(tmp_path: Path) -> AsyncIterator[SpoolFactory]:
     spools: list[Spool] = []
 
     def make(name: str = "spool.db", **options: object) -> Spool:
-        kwargs: dict[str, object] = {
-            "max_bytes": 10_000_000,
-            "max_events": 1000,
-            "dedup_ttl": 3600.0,
-            "dedup_max_entries": 1000,
-        }
-        kwargs.update(options)
-        spool = Spool(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        spool = spool_at(tmp_path / name, **options)
         spools.append(spool)
         return spool
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,10 +28,9 @@ from tests.conftest import (
     Tap,
     fixture_bytes,
     relay_environ,
+    spawn_relay,
     wait_for,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Supervised:
@@ -147,17 +145,7 @@ async def start_workers(
         environ["NOTIFY_SOCKET"] = str(notify_path)
         environ["TMPDIR"] = runtime
         broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relay",
-            "serve",
-            cwd=ROOT,
-            env=environ,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        process = await spawn_relay("serve", env=environ, stderr=asyncio.subprocess.STDOUT)
         group = Supervised(process, notify)
         started.append(group)
         return group
@@ -366,17 +354,7 @@ async def test_several_workers_with_the_memory_store_are_refused() -> None:
     the key."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     environ["RELAY_HTTP_WORKERS"] = "2"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "serve",
-        cwd=ROOT,
-        env=environ,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_relay("serve", env=environ)
     _, stderr = await process.communicate()
 
     assert process.returncode == 2
