@@ -27,9 +27,9 @@ from pathlib import Path
 
 import uvloop
 
-from relay.app import DEDUP
-from relay.auth import Principal, TokenAuthenticator
-from relay.dedup import Verdict, dedup_key
+from relay.dedup.memory import Verdict, dedup_key
+from relay.http.app import DEDUP
+from relay.http.auth import Principal, TokenAuthenticator
 from relay.logs import configure_logging
 from relay.service import Relay
 from relay.settings import load_settings

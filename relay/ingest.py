@@ -26,12 +26,12 @@ import orjson
 import structlog
 from aiohttp import hdrs, http_exceptions, web
 
-from relay.auth import Principal, TokenAuthenticator
-from relay.dedup import DedupStore, Verdict, dedup_key
+from relay.amqp.publish import Envelope
+from relay.dedup.memory import DedupStore, Verdict, dedup_key
 from relay.errors import BrokerUnavailable, StoreUnavailable
+from relay.http.auth import Principal, TokenAuthenticator
 from relay.logs import iso_utc_millis
 from relay.metrics import Metrics
-from relay.publish import Envelope
 from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Router, event_name
 
 log = structlog.get_logger("relay.ingest")

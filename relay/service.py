@@ -21,11 +21,11 @@ import structlog
 from aiohttp import web
 
 from relay import __version__
-from relay.app import HEALTH, METRICS, SPOOL, make_app
 from relay.errors import ConfigError, RelayError
+from relay.http.app import HEALTH, METRICS, SPOOL, make_app
+from relay.http.tls import CertificateStore
 from relay.settings import Settings
 from relay.systemd import Notifier
-from relay.tls import CertificateStore
 from relay.workers import WorkerInfo, worker_url
 
 log = structlog.get_logger("relay.service")

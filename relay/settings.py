@@ -122,7 +122,7 @@ class DedupSettings:
     ``key_fields`` are the body fields tried in order for the event's identity (the first
     non-empty one wins; otherwise the body's SHA-256).
 
-    With ``backend = "redis"`` (relay/dedup_redis.py) keys live under ``redis_prefix`` in the
+    With ``backend = "redis"`` (relay/dedup/redis.py) keys live under ``redis_prefix`` in the
     Redis at ``redis_url``; ``redis_timeout`` (seconds) bounds connecting and each command, and
     ``on_store_failure`` says what happens while Redis cannot be reached: ``reject`` answers 503
     with Retry-After, ``local`` falls back to the in-memory store of this process.

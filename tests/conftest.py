@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.service import Relay
 from relay.settings import Settings, load_settings
-from relay.spool import Spool
+from relay.spool.store import Spool
 from tests.proxy import FaultProxy
 
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

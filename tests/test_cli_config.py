@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from relay.spool import connect
+from relay.spool.store import connect
 from tests.cli import cli_environ, run_cli
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import connect
+from relay.spool.store import connect
 from tests.cli import cli_environ, run_cli
 from tests.conftest import spawn_relay
 

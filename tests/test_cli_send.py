@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.auth import token_digest
+from relay.http.auth import token_digest
 from tests.cli import cli_environ, closed_port, run_cli
 from tests.conftest import (
     FIXTURES,

@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from relay.auth import token_digest
+from relay.http.auth import token_digest
 from tests.cli import CliProcess, cli_environ, closed_port, run_cli
 from tests.conftest import AMQP_URL, TOKEN, Broker, Names, RunningRelay, fixture_bytes
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import build_parser
+from relay.amqp.topology import Binding, exchanges_for_pattern, plan
+from relay.cli.main import build_parser
+from relay.cli.send import default_url
+from relay.cli.tail import summary
 from relay.errors import ConfigError
 from relay.rates import RecentCounts
-from relay.send import default_url
 from relay.settings import QueueSpec, load_settings
-from relay.tail import summary
-from relay.topology import Binding, exchanges_for_pattern, plan
 from tests.conftest import fixture_bytes
 
 # -- settings: consumers.queues --------------------------------------------------------------

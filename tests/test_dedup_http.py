@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.app import PUBLISHER, SPOOL
+from relay.http.app import PUBLISHER, SPOOL
 from tests.conftest import (
     Broker,
     Names,

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio
 from structlog.testing import capture_logs
 
-from relay.dedup import MemoryDedupStore, Verdict
-from relay.dedup_redis import DELIVERED, RedisDedupStore, connect
+from relay.dedup.memory import MemoryDedupStore, Verdict
+from relay.dedup.redis import DELIVERED, RedisDedupStore, connect
 from relay.errors import StoreUnavailable
 from tests.conftest import REDIS_URL, PrivateRedis, wait_for
 from tests.proxy import FaultProxy

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from relay.app import PUBLISHER
 from relay.errors import ConfigError
+from relay.http.app import PUBLISHER
 from relay.settings import load_settings
 from tests.conftest import (
     REDIS_URL,

@@ -9,14 +9,21 @@ from typing import Any
 
 import pytest
 
-from relay.auth import TokenAuthenticator, token_digest
+from relay.amqp.rpc import NoAnswer, Reply, parse_reply
 from relay.errors import ConfigError
+from relay.http.auth import TokenAuthenticator, token_digest
 from relay.ingest import Rejection
-from relay.install import check_install
-from relay.loyalty import MemoryReplyCache
-from relay.rpc import NoAnswer, Reply, parse_reply
+from relay.retm.install import check_install
+from relay.retm.loyalty import MemoryReplyCache
+from relay.retm.tokens import (
+    SqliteTokenStore,
+    TokenRecord,
+    TokenStoreError,
+    make_token,
+    rotated,
+    select,
+)
 from relay.settings import describe, load_settings
-from relay.tokens import SqliteTokenStore, TokenRecord, TokenStoreError, make_token, rotated, select
 
 
 class Clock:

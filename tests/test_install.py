@@ -18,8 +18,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from relay.app import METRICS, TOKENS
-from relay.auth import token_digest
+from relay.http.app import METRICS, TOKENS
+from relay.http.auth import token_digest
 from relay.service import Relay
 from relay.settings import load_settings
 from tests.conftest import (

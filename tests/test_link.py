@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from relay.amqp.publish import Publisher
+from relay.amqp.rpc import RpcLink
 from relay.metrics import Metrics
-from relay.publish import Publisher
 from relay.routing import Router
-from relay.rpc import RpcLink
 from relay.settings import AmqpSettings, load_settings
 from tests.conftest import Broker, Names, proxy_url, relay_environ, wait_for
 from tests.proxy import FaultProxy

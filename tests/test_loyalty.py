@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from relay.app import LOYALTY, METRICS
+from relay.http.app import LOYALTY, METRICS
 from relay.settings import LoyaltySettings
 from tests.conftest import (
     AMQP_URL,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from relay.auth import token_digest
+from relay.http.auth import token_digest
 from tests.conftest import (
     TOKEN,
     Broker,

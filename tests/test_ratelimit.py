@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.access import Networks, client_address, forwarded_scheme, parse_ip, rate_key
-from relay.ratelimit import RateLimiter, retry_after
+from relay.http.access import Networks, client_address, forwarded_scheme, parse_ip, rate_key
+from relay.http.ratelimit import RateLimiter, retry_after
 
 
 class Clock:

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from relay.app import HEALTH, PUBLISHER
+from relay.http.app import HEALTH, PUBLISHER
 from tests.conftest import (
     TOKEN,
     Broker,

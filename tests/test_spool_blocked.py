@@ -19,7 +19,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from relay.app import PUBLISHER, SPOOL
+from relay.http.app import PUBLISHER, SPOOL
 from tests.conftest import Names, StartRelay, wait_for
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")

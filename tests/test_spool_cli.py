@@ -12,9 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from relay.publish import Envelope
+from relay.amqp.publish import Envelope
 from relay.routing import Route
-from relay.spool import connect, read_stats
+from relay.spool.store import connect, read_stats
 from tests.conftest import Broker, Names, relay_environ, spawn_relay, spool_at
 
 

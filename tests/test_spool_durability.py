@@ -14,9 +14,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from relay.app import FORWARDER, PUBLISHER, SPOOL
-from relay.dedup import digest
-from relay.publish import Envelope
+from relay.amqp.publish import Envelope
+from relay.dedup.memory import digest
+from relay.http.app import FORWARDER, PUBLISHER, SPOOL
 from relay.routing import Route
 from tests.conftest import (
     TOKEN,

@@ -11,9 +11,9 @@ import aio_pika
 import orjson
 import pytest
 
-from relay.app import DEDUP, FORWARDER, PUBLISHER, SPOOL
+from relay.http.app import DEDUP, FORWARDER, PUBLISHER, SPOOL
 from relay.service import StartupError
-from relay.spool import connect, read_stats
+from relay.spool.store import connect, read_stats
 from tests.conftest import (
     Broker,
     Names,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.dedup import MemoryDedupStore, digest
+from relay.amqp.publish import Envelope
+from relay.dedup.memory import MemoryDedupStore, digest
 from relay.errors import BrokerUnavailable
-from relay.publish import Envelope
 from relay.routing import Route
-from relay.spool import Spool, SpooledEvent, SpoolError
+from relay.spool.store import Spool, SpooledEvent, SpoolError
 from tests.conftest import spool_at, wait_for
 
 

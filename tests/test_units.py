@@ -8,8 +8,8 @@ import tracemalloc
 
 import pytest
 
-from relay.auth import TokenAuthenticator, token_digest
-from relay.dedup import MemoryDedupStore, Verdict, dedup_key
+from relay.dedup.memory import MemoryDedupStore, Verdict, dedup_key
+from relay.http.auth import TokenAuthenticator, token_digest
 from relay.routing import Router, event_name, segment
 from relay.settings import Secret, TokenSpec
 

@@ -13,7 +13,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from relay import wire
+from relay.amqp import wire
 
 SHORT = st.text(max_size=60).filter(lambda s: len(s.encode()) <= 255)
 NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=0, max_size=80)

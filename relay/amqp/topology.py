@@ -27,9 +27,9 @@ from aiormq.exceptions import (
 )
 from pamqp.common import FieldTable
 
+from relay.amqp.publish import Publisher, broker_address
 from relay.errors import TopologyError
 from relay.metrics import Metrics
-from relay.publish import Publisher, broker_address
 from relay.routing import Router
 from relay.settings import Settings, dead_letter_exchange
 

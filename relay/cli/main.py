@@ -10,27 +10,16 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import orjson
 
 from relay import __version__
-from relay.cli_args import Command, add_command, positive_float, positive_int
+from relay.cli.args import Command, add_command, positive_float, positive_int, run_loop
+from relay.cli.spool import add_spool_commands
 from relay.errors import ConfigError
 from relay.settings import Settings, describe, load_settings, resolve_config_path
-from relay.spool_cli import add_spool_commands
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def _run(main: Any) -> Any:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up, imported only when running
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -51,7 +40,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             return supervised
         if worker is not None:
             structlog.contextvars.bind_contextvars(worker=worker.index)
-        code: int = _run(serve(settings, worker=worker))
+        code: int = run_loop(serve(settings, worker=worker))
     except (StartupError, WorkerError) as exc:
         structlog.get_logger("relay.service").error("relay.start_failed", error=str(exc))
         return EXIT_FAILURE
@@ -91,7 +80,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     """POST each FILE (``-``: stdin) to the relay with the configured token; print answers."""
     from tqdm import tqdm  # noqa: PLC0415 - keep the other commands light
 
-    from relay import send  # noqa: PLC0415
+    from relay.cli import send  # noqa: PLC0415
 
     if args.path is not None and not args.path.startswith("/"):
         return _fail("send", f"--path must start with /, not {args.path!r}", EXIT_USAGE)
@@ -138,8 +127,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     """Print the events published to the exchange(s), live, until Ctrl-C."""
+    from relay.cli.tail import TailError, run  # noqa: PLC0415
     from relay.settings import is_binding_pattern  # noqa: PLC0415
-    from relay.tail import TailError, run  # noqa: PLC0415
 
     _quiet_library_logs()
     if not is_binding_pattern(args.pattern):
@@ -149,7 +138,7 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
     try:
-        printed = _run(
+        printed = run_loop(
             run(
                 settings,
                 args.pattern,
@@ -172,8 +161,8 @@ def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
     """Declare the relay's topology and the consumer queues; print what exists."""
     import dataclasses  # noqa: PLC0415
 
+    from relay.amqp.topology import declare_all, format_table  # noqa: PLC0415
     from relay.errors import TopologyError  # noqa: PLC0415
-    from relay.topology import declare_all, format_table  # noqa: PLC0415
 
     _quiet_library_logs()
     if args.passive:
@@ -181,7 +170,7 @@ def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
             settings, amqp=dataclasses.replace(settings.amqp, passive=True)
         )
     try:
-        rows = _run(declare_all(settings))
+        rows = run_loop(declare_all(settings))
     except TopologyError as exc:
         return _fail("declare", str(exc))
     sys.stdout.write(format_table(rows))
@@ -190,9 +179,9 @@ def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
     """Manage the per-merchant token registry (``install.store``) while the daemon runs."""
-    from relay.tokens_cli import run_tokens  # noqa: PLC0415 - keep other commands light
+    from relay.cli.tokens import run_tokens  # noqa: PLC0415 - keep other commands light
 
-    code: int = _run(run_tokens(settings, args))
+    code: int = run_loop(run_tokens(settings, args))
     return code
 
 
@@ -304,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "list, add, rotate or revoke per-merchant webhook tokens (works while the relay runs)",
         "retm-relay tokens rotate nakheelember --grace 3600",
     )
-    from relay.tokens_cli import add_arguments  # noqa: PLC0415
+    from relay.cli.tokens import add_arguments  # noqa: PLC0415
 
     add_arguments(tokens, common)
     return parser

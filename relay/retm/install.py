@@ -26,9 +26,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from relay.auth import token_digest
-from relay.dedup import dedup_key
+from relay.amqp.publish import Envelope
+from relay.dedup.memory import dedup_key
 from relay.errors import BrokerUnavailable, StoreUnavailable
+from relay.http.auth import token_digest
 from relay.ingest import (
     Rejection,
     check_media_type,
@@ -39,11 +40,10 @@ from relay.ingest import (
     read_body,
 )
 from relay.metrics import Metrics
-from relay.publish import Envelope
+from relay.retm.tokens import BUSINESS_RE, TokenRegistry
 from relay.routing import APP_INSTALLED, Router
 from relay.settings import InstallSettings
-from relay.spool import Spool
-from relay.tokens import BUSINESS_RE, TokenRegistry
+from relay.spool.store import Spool
 
 log = structlog.get_logger("relay.install")
 

@@ -35,9 +35,9 @@ from typing import Any, Protocol, TypeVar
 import orjson
 import structlog
 
-from relay.auth import TokenAuthenticator, token_digest
-from relay.dedup_redis import STORE_ERRORS, connect
+from relay.dedup.redis import STORE_ERRORS, connect
 from relay.errors import RelayError, StoreUnavailable
+from relay.http.auth import TokenAuthenticator, token_digest
 
 REDIS_TIMEOUT = 0.5  # seconds: an install must answer within 1 s
 

@@ -31,9 +31,9 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from tqdm import tqdm
 
-from relay.publish import broker_address
+from relay.amqp.publish import broker_address
+from relay.amqp.topology import exchanges_for_pattern
 from relay.settings import Settings
-from relay.topology import exchanges_for_pattern
 
 MAX_BACKLOG = 10_000  # x-max-length of tail's queue: a slow terminal never fills the broker
 PREFETCH = 200

@@ -39,9 +39,9 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from relay.dedup import digest as key_digest
+from relay.amqp.publish import Envelope
+from relay.dedup.memory import digest as key_digest
 from relay.errors import BrokerUnavailable, RelayError
-from relay.publish import Envelope
 from relay.routing import Route
 
 log = structlog.get_logger("relay.spool")

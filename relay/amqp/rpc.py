@@ -31,9 +31,9 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp import commands as spec
 
-from relay.link import Link, SupervisedLink
+from relay.amqp.link import Link, SupervisedLink
+from relay.amqp.publish import APP_ID, CONTENT_TYPE
 from relay.metrics import Metrics
-from relay.publish import APP_ID, CONTENT_TYPE
 from relay.routing import Route
 from relay.settings import AmqpSettings
 

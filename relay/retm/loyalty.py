@@ -36,8 +36,9 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from relay.dedup import dedup_key
-from relay.dedup_redis import STORE_ERRORS, connect
+from relay.amqp.rpc import NoAnswer, Reply, RpcLink
+from relay.dedup.memory import dedup_key
+from relay.dedup.redis import STORE_ERRORS, connect
 from relay.ingest import (
     MISMATCH_HEADER,
     Ingest,
@@ -48,7 +49,6 @@ from relay.ingest import (
 )
 from relay.metrics import Metrics
 from relay.routing import LOYALTY_CHECK_REWARD, LOYALTY_REDEEM_REWARD, Route
-from relay.rpc import NoAnswer, Reply, RpcLink
 from relay.settings import LoyaltySettings
 
 REDIS_TIMEOUT = 0.5  # seconds: the cashier is waiting

@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from relay.cli_args import Command, add_command, positive_int
+from relay.cli.args import Command, add_command, positive_int, run_loop
 from relay.errors import RelayError
 from relay.settings import Settings
-from relay.spool import SpoolLock, read_events, read_stats
+from relay.spool.store import SpoolLock, read_events, read_stats
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROGRESS_EVERY = 1.0  # seconds between progress lines of ``replay``
@@ -164,7 +164,6 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     """Publish spooled events to the broker now, oldest first, deleting each after its
     confirm; progress on stderr."""
-    from relay.cli import _run  # noqa: PLC0415 - the command line's loop runner
     from relay.logs import configure_logging  # noqa: PLC0415
 
     path = spool_path(settings, args)
@@ -172,18 +171,18 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(f"no spool at {path} (check state.dir and spool.file)")
     configure_logging("warning", "console", stream=sys.stderr)
     try:
-        code: int = _run(_replay(settings, path, args.limit))
+        code: int = run_loop(_replay(settings, path, args.limit))
     except RelayError as exc:
         return _fail(str(exc))
     return code
 
 
 async def _replay(settings: Settings, path: Path, limit: int | None) -> int:
-    from relay.forward import Forwarder  # noqa: PLC0415 - aio-pika only for this command
+    from relay.amqp.publish import Publisher  # noqa: PLC0415
     from relay.metrics import Metrics  # noqa: PLC0415
-    from relay.publish import Publisher  # noqa: PLC0415
     from relay.routing import Router  # noqa: PLC0415
-    from relay.spool import Spool  # noqa: PLC0415
+    from relay.spool.forward import Forwarder  # noqa: PLC0415 - aio-pika only for this command
+    from relay.spool.store import Spool  # noqa: PLC0415
 
     spool = Spool(
         path,

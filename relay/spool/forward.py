@@ -24,10 +24,10 @@ from typing import Any
 
 import structlog
 
+from relay.amqp.publish import Envelope, Publisher
 from relay.errors import BrokerUnavailable
 from relay.metrics import Metrics
-from relay.publish import Envelope, Publisher
-from relay.spool import Spool, SpooledEvent
+from relay.spool.store import Spool, SpooledEvent
 
 log = structlog.get_logger("relay.forward")
 

@@ -1,9 +1,10 @@
 """Pieces every ``retm-relay`` command's argument parser shares: a subcommand with its
-``--help`` example, and the positive-number argument types."""
+``--help`` example, and the positive-number argument types, and the event-loop runner."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,3 +58,13 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
     return value
+
+
+def run_loop(main: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, imported only when running
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -48,9 +48,9 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from relay import wire
+from relay.amqp import wire
+from relay.amqp.link import Link, SupervisedLink, broker_address, describe
 from relay.errors import BrokerUnavailable, TopologyError
-from relay.link import Link, SupervisedLink, broker_address, describe
 from relay.metrics import Metrics
 from relay.routing import Route, Router
 from relay.settings import AmqpSettings

@@ -21,8 +21,15 @@ from datetime import UTC, datetime
 import orjson
 
 from relay.errors import StoreUnavailable
+from relay.retm.tokens import (
+    BUSINESS_RE,
+    TokenRecord,
+    TokenStoreError,
+    make_token,
+    open_store,
+    select,
+)
 from relay.settings import Settings
-from relay.tokens import BUSINESS_RE, TokenRecord, TokenStoreError, make_token, open_store, select
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

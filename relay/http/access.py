@@ -28,10 +28,10 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
-from relay.auth import TokenAuthenticator
+from relay.http.auth import TokenAuthenticator
+from relay.http.ratelimit import RateLimiter, retry_after
 from relay.ingest import Rejection, check_token, error_response
 from relay.metrics import Metrics
-from relay.ratelimit import RateLimiter, retry_after
 from relay.settings import HttpSettings
 
 log = structlog.get_logger("relay.access")

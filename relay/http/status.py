@@ -1,4 +1,4 @@
-"""The status page: ``GET /`` serves one self-contained HTML file (``relay/static/status.html``)
+"""The status page: ``GET /`` serves one self-contained HTML file (``static/status.html``)
 that polls ``/health`` and shows it to a person, refreshing by itself.
 
 The page has no external assets and no build step. It is served with a Content-Security-Policy
@@ -37,7 +37,7 @@ class StatusPage:
     """The HTML of the status page, read once from the package, and its handler."""
 
     def __init__(self) -> None:
-        self.html = resources.files("relay").joinpath("static/status.html").read_bytes()
+        self.html = resources.files("relay.http").joinpath("static/status.html").read_bytes()
         self.headers = {
             "Content-Security-Policy": _csp(self.html),
             "Cache-Control": "no-cache",

@@ -54,7 +54,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from relay.dedup import MemoryDedupStore, Verdict
+from relay.dedup.memory import MemoryDedupStore, Verdict
 from relay.errors import StoreUnavailable
 
 log = structlog.get_logger("relay.dedup")

@@ -14,24 +14,24 @@ from pathlib import Path
 import structlog
 from aiohttp import hdrs, web
 
-from relay.access import Access
-from relay.auth import TokenAuthenticator
-from relay.dedup import DedupStore, MemoryDedupStore
-from relay.dedup_redis import RedisDedupStore, connect, redis_address
-from relay.forward import Forwarder, StoreAndForward
-from relay.health import Health
+from relay.amqp.publish import Envelope, Publisher
+from relay.amqp.rpc import RpcLink
+from relay.dedup.memory import DedupStore, MemoryDedupStore
+from relay.dedup.redis import RedisDedupStore, connect, redis_address
+from relay.http.access import Access
+from relay.http.auth import TokenAuthenticator
+from relay.http.health import Health
+from relay.http.status import StatusPage
 from relay.ingest import Ingest, error_response
-from relay.install import InstallFlow
 from relay.logs import count_bad_requests
-from relay.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache
 from relay.metrics import Metrics
-from relay.publish import Envelope, Publisher
+from relay.retm.install import InstallFlow
+from relay.retm.loyalty import Loyalty, MemoryReplyCache, RedisReplyCache, ReplyCache
+from relay.retm.tokens import TokenRegistry, open_store
 from relay.routing import Router
-from relay.rpc import RpcLink
 from relay.settings import Settings
-from relay.spool import Spool
-from relay.status import StatusPage
-from relay.tokens import TokenRegistry, open_store
+from relay.spool.forward import Forwarder, StoreAndForward
+from relay.spool.store import Spool
 from relay.workers import WorkerInfo, state_name
 
 SETTINGS = web.AppKey("settings", Settings)
