@@ -6,9 +6,10 @@ dedup commit, answer. Every rejection is a 4xx with ``{"error": CODE, "detail": 
 line and a metric; nothing a client sends produces a 500. The body published is the body
 received (after HTTP decompression, without a leading UTF-8 BOM), never re-serialised.
 
-Field names used here come from RETM's notification hooks (retm/webhooks.md §3.2, §3.4, §5):
-``event``, ``reference``, ``business_refrence`` (sic; ``business_reference`` also accepted) and
-``branch_id``; and from the error webhook (§3.7): ``code``, ``endpoint``, ``message``.
+Field names used here come from RETM's notification hooks (docs/retm.md, "Invoice webhooks",
+"Customer webhook", "Identity fields"): ``event``, ``reference``, ``business_refrence`` (sic;
+``business_reference`` also accepted) and ``branch_id``; and from the error webhook (docs/retm.md,
+"Error webhook"): ``code``, ``endpoint``, ``message``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Routing: which exchange and routing key an event is published with. Pure logic, no I/O.
 
-The rule (``../shared/design.md``, "The AMQP message contract"):
+The rule (docs/consumers.md, "Routing keys"):
 
 - the routing key is the body's ``event`` lower-cased (``order.created``, ``customer.updated``);
 - a missing or invalid ``event`` (not dotted words of ``[a-z0-9_-]``, or longer than 255 bytes)
@@ -34,8 +34,9 @@ def event_name(value: object) -> str | None:
     """The routing event for a body's ``event`` value, or ``None`` when it is unusable.
 
     ``value`` is whatever the JSON held (RETM sends a string such as ``"order.created"``, see
-    retm/webhooks.md §4). Upper case is folded (``Order.Created`` -> ``order.created``); anything
-    that is not dotted words of ``[a-z0-9_-]``, or is longer than 255 bytes, gives ``None``.
+    docs/retm.md, "Telling the event type"). Upper case is folded (``Order.Created`` ->
+    ``order.created``); anything that is not dotted words of ``[a-z0-9_-]``, or is longer than 255
+    bytes, gives ``None``.
     """
     if not isinstance(value, str) or len(value) > MAX_ROUTING_KEY_BYTES or not value.isascii():
         return None  # non-ASCII never qualifies, even where lower() would make it ASCII (K)

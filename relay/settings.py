@@ -5,8 +5,9 @@
 after start-up. A secret setting may also come from a file named by ``RELAY_<SECTION>_<KEY>_FILE``
 (for systemd credentials or a mounted secret), and secrets are masked in ``repr``.
 
-The key names are part of the public contract (``../shared/design.md``, "Configuration"); every
-key is documented with its default in ``config/relay.example.toml``.
+The key names are part of the public contract; every key is documented with its default in
+``config/relay.example.toml`` and, with its environment variable and meaning, in
+``docs/configuration.md`` (``tests/test_docs.py`` fails when a key is missing there).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class Secret:
 @dataclass(frozen=True, slots=True)
 class TokenSpec:
     """One webhook Bearer token, optionally bound to a RETM business (``business_id`` from the
-    install callback, retm/webhooks.md §3.8). A bound token makes that business the principal of
-    every event it authenticates."""
+    install callback: docs/retm.md, "Install callback"). A bound token makes that business the
+    principal of every event it authenticates."""
 
     token: Secret
     business: str | None = None
@@ -162,7 +163,8 @@ class SpoolSettings:
 
 @dataclass(frozen=True, slots=True)
 class InstallSettings:
-    """RETM's app-install callback (retm/webhooks.md §3.8) and the per-merchant token registry.
+    """RETM's app-install callback (docs/retm.md, "Install callback") and the per-merchant
+    token registry.
 
     enabled: the install route exists only when true. path: where RETM posts the callback; make
     it unguessable (``/retm/install/<random>``), since whoever reaches it can mint a token.
@@ -185,8 +187,8 @@ class InstallSettings:
 
 @dataclass(frozen=True, slots=True)
 class LoyaltySettings:
-    """RETM's synchronous loyalty hooks (retm/webhooks.md §3.5, §3.6), answered over RabbitMQ
-    RPC (direct reply-to).
+    """RETM's synchronous loyalty hooks (docs/retm.md, "Check Reward", "Redeem Reward"),
+    answered over RabbitMQ RPC (direct reply-to).
 
     enabled: the two routes and the RPC link exist only when true.
     timeout: seconds to wait for a responder's reply (below RETM's 10 s).

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fixture_bytes(name: str) -> bytes:
-    """The raw bytes of a RETM example body (tests/fixtures, copied from shared/retm/fixtures)."""
+    """The raw bytes of a RETM example body (tests/fixtures, described in docs/retm.md)."""
     return (FIXTURES / name).read_bytes()
 
 

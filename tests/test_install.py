@@ -214,8 +214,9 @@ async def test_registry_survives_a_restart(
 async def test_install_answers_inside_one_second(
     start_flow_relay: StartFlowRelay, install_path: str
 ) -> None:
-    """RETM's hard limit for the install callback is 1 s (§3.8): 20 installs in a row each
-    answer well inside it. (The p99 is measured by bench/install_latency.py.)"""
+    """RETM's hard limit for the install callback is 1 s (docs/retm.md, "Install callback"): 20
+    installs in a row each answer well inside it. (The p99 is measured by
+    bench/install_latency.py.)"""
     relay = await start_flow_relay()
     for _ in range(20):
         started = time.perf_counter()

@@ -9,7 +9,8 @@ relay publishes each one as an AMQP request (routing key ``loyalty.check_reward`
    ``loyalty.redeem_reward.#`` (``#`` also matches keys the relay extends with the business and
    branch when ``amqp.routing_key_template`` says so);
 2. for each request, computes the HTTP status and JSON body RETM should get (RETM's shapes:
-   retm/webhooks.md §3.5, fixtures ``loyalty.check_reward.response.200.json`` and ``.400.json``);
+   docs/retm.md, "Check Reward"; fixtures ``loyalty.check_reward.response.200.json`` and
+   ``.400.json``);
 3. publishes the reply to the default exchange with routing key = the request's ``reply_to``,
    the same ``correlation_id``, the status in the ``x-http-status`` header, then acks.
 
@@ -70,7 +71,8 @@ REWARDS: dict[str, dict[str, Any]] = {
 
 
 def invalid(message: str, *errors: str) -> Answer:
-    """RETM's "invalid reward" answer: 400 with ``message`` and ``errors`` (§3.5)."""
+    """RETM's "invalid reward" answer: 400 with ``message`` and ``errors`` (docs/retm.md,
+    "Check Reward")."""
     return 400, {"data": [], "message": message, "errors": list(errors)}
 
 

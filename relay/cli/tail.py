@@ -9,7 +9,8 @@ One caveat, by the nature of AMQP: while tail is bound, the events its pattern m
 routed, so an event no other queue is bound for is not also diverted to the unrouted exchange.
 
 Line format: ``<routing key> <business> <reference> <summary>``; ``-`` for what is unknown. The
-summary comes from RETM's field names (retm/webhooks.md §3.2, §3.4, §3.7): ``invoice_id``,
+summary comes from RETM's field names (docs/retm.md, "Invoice webhooks", "Customer webhook",
+"Error webhook"): ``invoice_id``,
 ``total_price``, ``products`` and ``status`` of invoice events, ``customer.id`` and
 ``customer.name`` of customer events, ``code``, ``endpoint`` and ``message`` of the error
 webhook, ``reward_code`` of loyalty hooks; for anything else, the body's size and top-level keys.

@@ -1,9 +1,9 @@
 """Deduplication: the dedup key, and the in-memory store. Pure logic (no aiohttp, no aio-pika).
 
-Semantics (``../shared/design.md``, "Deduplication"): the first delivery *claims* its key; the key
-becomes *delivered* only once the event is durable (``commit``); a failure ``release``s it so the
-retry is not blocked. A duplicate arriving while the first is in flight waits for that outcome and
-answers the same way. Delivered keys live for ``ttl`` seconds, at most ``max_entries`` of them.
+Semantics (docs/reliability.md, "Retries and duplicates"): the first delivery *claims* its key; the
+key becomes *delivered* only once the event is durable (``commit``); a failure ``release``s it so
+the retry is not blocked. A duplicate arriving while the first is in flight waits for that outcome
+and answers the same way. Delivered keys live for ``ttl`` seconds, at most ``max_entries`` of them.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def dedup_key(
     event: the routing event (``order.created``, ``unrecognized``, ``delivery.error``).
     body, raw: the parsed JSON object and its bytes. The reference is the first of
     ``key_fields`` holding a non-empty string or an integer (RETM's ``reference``, a UUID on the
-    Customer hook, retm/webhooks.md §5.1); otherwise the SHA-256 of ``raw`` in its place.
+    Customer hook, docs/retm.md, "Identity fields"); otherwise the SHA-256 of ``raw`` in its place.
     A key that would be longer than 255 bytes uses the SHA-256 of its reference instead.
     """
     reference: str | None = None

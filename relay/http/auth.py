@@ -1,7 +1,8 @@
 """Authentication of RETM's webhook calls: ``Authorization: Bearer <token>``.
 
 RETM sends the token the receiver issued at install time as a Bearer token on every webhook
-(retm/webhooks.md §2.2); there is no signature, so the token and TLS are the only protection.
+(docs/retm.md, "Authentication"); there is no signature, so the token and TLS are the only
+protection.
 
 Tokens are never kept or compared as text: each accepted token is stored under its SHA-256
 digest, the presented token is hashed the same way, looked up, and the digests are compared with

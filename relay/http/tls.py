@@ -1,6 +1,6 @@
 """TLS: the HTTPS listener's certificate, loaded at start-up and reloaded on SIGHUP.
 
-RETM only calls HTTPS URLs (retm/webhooks.md §2.1), so the relay either terminates TLS itself
+RETM only calls HTTPS URLs (docs/retm.md, "Transport"), so the relay either terminates TLS itself
 (``http.tls_cert``, ``http.tls_key``) or sits behind a proxy that does.
 
 Reloading swaps contexts rather than loading the new files into the live one: a failed

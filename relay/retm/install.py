@@ -3,7 +3,7 @@
 When a merchant approves the app, RETM POSTs ``{code, business_id, data}`` to the "success
 endpoint" and wants HTTP 200 within 1 second; the answer's ``token`` becomes the Bearer token of
 every webhook RETM sends for that merchant, and its ``url`` the app's settings page
-(retm/webhooks.md §2.2, §3.8; fixture ``install.success_callback.json``).
+(docs/retm.md, "Authentication", "Install callback"; fixture ``install.success_callback.json``).
 
 Per request, in order: media type (415), body (413/400), fields (400 ``invalid_install``), the
 ``install.require_data`` check (403 ``forbidden``, and nothing changes); then the
@@ -160,7 +160,7 @@ class InstallFlow:
 
 
 def check_install(body: Mapping[str, Any], required: Mapping[str, str]) -> str:
-    """The ``business_id`` of an install callback body (retm/webhooks.md §3.8).
+    """The ``business_id`` of an install callback body (docs/retm.md, "Install callback").
 
     Raises Rejection 400 ``invalid_install`` unless ``code`` is a non-empty string,
     ``business_id`` 1-64 of ``[A-Za-z0-9_.-]`` and ``data`` an object (or absent); 403

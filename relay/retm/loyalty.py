@@ -1,8 +1,8 @@
 """RETM's synchronous loyalty hooks, answered by a RabbitMQ RPC responder.
 
-Check Reward and Redeem Reward (retm/webhooks.md §3.5, §3.6) come from a cashier's POS, which
-waits for the answer: a 2xx with the discount, or a 400 with ``message`` and ``errors``. The
-relay cannot simply enqueue them. It publishes each request to the event exchange with routing
+Check Reward and Redeem Reward (docs/retm.md, "Check Reward", "Redeem Reward") come from a cashier's
+POS, which waits for the answer: a 2xx with the discount, or a 400 with ``message`` and ``errors``.
+The relay cannot simply enqueue them. It publishes each request to the event exchange with routing
 key ``loyalty.check_reward`` or ``loyalty.redeem_reward`` (through the key template, so
 ``{business}`` works here too), ``reply_to`` = RabbitMQ's direct reply-to pseudo-queue, a fresh
 ``correlation_id`` and an ``expiration`` equal to the deadline, and answers RETM with the reply's

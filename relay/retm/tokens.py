@@ -1,9 +1,10 @@
 """The token registry: one webhook Bearer token (or several, while one rotates) per merchant.
 
 RETM sends, on every webhook, the token the receiver answered to the merchant's install callback
-(retm/webhooks.md §2.2, §3.8). The install flow and ``retm-relay tokens`` create such tokens;
-this module keeps them and feeds them to the ``TokenAuthenticator``, so a token names its
-merchant (``business``) and that merchant is the principal of every event it authenticates.
+(docs/retm.md, "Authentication", "Install callback"). The install flow and ``retm-relay tokens``
+create such tokens; this module keeps them and feeds them to the ``TokenAuthenticator``, so a token
+names its merchant (``business``) and that merchant is the principal of every event it
+authenticates.
 
 Only the token's SHA-256 digest is stored, with its business, creation time, the time it stops
 being accepted (``expires_at``: the end of a rotation's grace period, or none) and its source.
@@ -45,7 +46,8 @@ log = structlog.get_logger("relay.tokens")
 
 POLL_INTERVAL = 1.0
 BUSINESS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-"""A RETM ``business_id`` as the registry accepts it (the API subdomain, §3.8)."""
+"""A RETM ``business_id`` as the registry accepts it (the API subdomain: docs/retm.md,
+"Install callback")."""
 SQLITE_FILE = "tokens.sqlite3"
 T = TypeVar("T")
 
