@@ -12,7 +12,8 @@
 #
 # What it installs:
 #   /opt/retm-relay/venv                 a virtual environment with the relay (pip install)
-#   /opt/retm-relay/README.md            the operator guide, and relay.example.toml
+#   /opt/retm-relay/README.md, docs/     the README and the documentation (docs/operators.md is
+#                                        the operator guide), and relay.example.toml
 #   /etc/retm-relay/relay.toml           from config/relay.example.toml, only if absent (0640)
 #   /etc/retm-relay/relay.env            secrets for systemd's EnvironmentFile, only if absent
 #                                        (0600), with a fresh random webhook token
@@ -127,6 +128,8 @@ EOF
     say "installed $("$PREFIX/venv/bin/retm-relay" --version) into $PREFIX/venv"
   fi
   install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
+  rm -rf "$PREFIX/docs"
+  tar -C "$SRC" -cf - docs | tar -C "$PREFIX" --no-same-owner -xf -
   install -m 0644 "$SRC/config/relay.example.toml" "$PREFIX/relay.example.toml"
 
   # The configuration: written once, then the operator's.
@@ -146,7 +149,7 @@ EOF
       umask 077
       cat >"$ETC/relay.env" <<EOF
 # Secrets of retm-relay, read by systemd (EnvironmentFile=) as root: keep this file 0600.
-# One VARIABLE=value a line; see /opt/retm-relay/README.md for every setting.
+# One VARIABLE=value a line; see /opt/retm-relay/docs/configuration.md for every setting.
 #
 # The Bearer token(s) RETM sends on every webhook: the token your RETM app returns at install.
 # Comma-separated for rotation; business:token binds a token to one merchant.

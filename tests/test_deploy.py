@@ -86,7 +86,7 @@ def test_install_script_in_a_scratch_root_is_idempotent_and_uninstalls(tmp_path:
     --uninstall keeps configuration and state, --purge removes them."""
     root, source = tmp_path / "root", tmp_path / "source"
     source.mkdir()
-    for part in ("pyproject.toml", "README.md", "relay", "config", "systemd", "deploy"):
+    for part in ("pyproject.toml", "README.md", "docs", "relay", "config", "systemd", "deploy"):
         copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy
         copy(ROOT / part, source / part)
     script = source / "deploy" / "install.sh"
@@ -104,6 +104,9 @@ def test_install_script_in_a_scratch_root_is_idempotent_and_uninstalls(tmp_path:
     assert (mode(etc), mode(etc / "tls"), mode(state)) == (0o750, 0o750, 0o700)
     assert (mode(etc / "relay.toml"), mode(etc / "relay.env"), mode(unit)) == (0o640, 0o600, 0o644)
     assert (opt / "README.md").read_bytes() == (ROOT / "README.md").read_bytes()
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert [p.name for p in sorted((opt / "docs").glob("*.md"))] == [p.name for p in pages] != []
+    assert all((opt / "docs" / p.name).read_bytes() == p.read_bytes() for p in pages)
     tokens = re.findall(
         r"^RELAY_AUTH_TOKENS=([A-Za-z0-9_-]{43})$", (etc / "relay.env").read_text(), re.M
     )
