@@ -359,6 +359,7 @@ def _add_flows(app: web.Application, clock: Callable[[], float]) -> None:
         ),
         ingest.authenticator,
         clock=clock,
+        configured=len(settings.auth.tokens),
     )
     app[TOKENS] = registry
     health.add_check(
