@@ -20,6 +20,7 @@ from relay.dedup.memory import DedupStore, MemoryDedupStore
 from relay.dedup.redis import RedisDedupStore, connect, redis_address
 from relay.http.access import Access
 from relay.http.auth import TokenAuthenticator
+from relay.http.contract import Contract
 from relay.http.health import Health
 from relay.http.status import StatusPage
 from relay.ingest import Ingest, error_response
@@ -174,6 +175,7 @@ def make_app(
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics_handler)
     app.router.add_get("/", StatusPage().handler)
+    app.router.add_get("/asyncapi.yaml", Contract().handler)
 
     _watch_core(app)
     _spool_metrics(metrics, spool, forwarder)
