@@ -174,7 +174,7 @@ def make_app(
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics_handler)
-    app.router.add_get("/", StatusPage().handler)
+    app.router.add_get("/", StatusPage(health.details).handler)
     app.router.add_get("/asyncapi.yaml", Contract().handler)
 
     _watch_core(app)
