@@ -20,7 +20,17 @@ import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.http.auth import token_digest
-from tests.conftest import FIXTURES, ROOT, TOKEN, Broker, Names, StartRelay, fixture_bytes
+from tests.conftest import (
+    AMQP_URL,
+    FIXTURES,
+    ROOT,
+    TOKEN,
+    Broker,
+    Names,
+    StartRelay,
+    fixture_bytes,
+)
+from tests.test_loyalty import example
 
 DOCUMENT = ROOT / "docs" / "asyncapi.yaml"
 PARSER = ROOT / "tools" / "asyncapi"
@@ -37,8 +47,8 @@ FIXTURE_MESSAGES = {
     "install.success_callback.json": "app.installed",
     "loyalty.check_reward.json": "loyalty.check_reward",
     "loyalty.redeem_reward.json": "loyalty.redeem_reward",
-    "loyalty.check_reward.response.200.json": "loyalty.reply",
-    "loyalty.check_reward.response.400.json": "loyalty.reply",
+    "loyalty.check_reward.response.200.json": "loyalty.check_reward.reply",
+    "loyalty.check_reward.response.400.json": "loyalty.check_reward.reply",
     # the relay's own HTTP answer to RETM's install callback, never published
     "install.success_callback.response.json": None,
 }
@@ -46,7 +56,8 @@ MESSAGES = sorted(
     {
         "order.created", "order.refunded", "customer.created", "customer.updated",
         "customer.deleted", "delivery.error", "app.installed", "loyalty.check_reward",
-        "loyalty.redeem_reward", "loyalty.reply", "unrecognized",
+        "loyalty.redeem_reward", "loyalty.check_reward.reply", "loyalty.redeem_reward.reply",
+        "unrecognized",
     }
 )  # fmt: skip
 
@@ -115,7 +126,7 @@ def test_messages_are_named_by_their_routing_key(document: dict[str, Any]) -> No
     assert sorted(messages) == MESSAGES
     for key, message in messages.items():
         assert message["name"] == key
-        if key != "loyalty.reply":
+        if not key.endswith(".reply"):
             assert message["bindings"]["amqp"]["messageType"] == key
     exchange = document["components"]["channelBindings"]["eventExchange"]["amqp"]
     assert exchange["is"] == "routingKey"
@@ -131,7 +142,7 @@ def test_messages_are_named_by_their_routing_key(document: dict[str, Any]) -> No
         for channel in document["channels"].values()
         if channel.get("bindings", {}).get("$ref") == "#/components/channelBindings/eventExchange"
     }
-    assert addresses == {key: [key] for key in MESSAGES if key != "loyalty.reply"}
+    assert addresses == {key: [key] for key in MESSAGES if not key.endswith(".reply")}
 
 
 async def test_the_relay_serves_the_document_without_a_token(start_relay: StartRelay) -> None:
@@ -199,7 +210,12 @@ def properties_of(message: AbstractIncomingMessage) -> dict[str, Any]:
         "type": message.type,
         "timestamp": int(message.timestamp.timestamp()) if message.timestamp else None,
         "app_id": message.app_id,
+        "correlation_id": message.correlation_id,
+        "reply_to": message.reply_to,
+        "expiration": None,
     }
+    if message.expiration is not None:  # aio-pika gives seconds; AMQP carries milliseconds
+        found["expiration"] = str(round(float(message.expiration) * 1000))
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -259,3 +275,47 @@ async def test_published_messages_match_the_contract(
         names.exchange,
     )
     assert errors(document, "#/components/schemas/EventProperties", properties_of(diverted)) == []
+
+
+async def test_loyalty_requests_and_replies_match_the_contract(
+    start_relay: StartRelay, broker: Broker, names: Names, document: dict[str, Any]
+) -> None:
+    """With the example loyalty responder running, the RPC requests the relay publishes for
+    Check Reward and Redeem Reward carry the documented routing key, properties (transient,
+    reply_to, correlation_id, expiration) and headers; the answers RETM gets validate against
+    the reply messages' payloads."""
+    relay = await start_relay()
+    responder = example.Responder(AMQP_URL, names.exchange, names("loyalty"))
+    await responder.start()
+    try:
+        tap = await broker.tap(names.exchange, "loyalty.#")
+        answers = {}
+        for path, fixture in (
+            ("/retm/loyalty/check-reward", "loyalty.check_reward.json"),
+            ("/retm/loyalty/redeem-reward", "loyalty.redeem_reward.json"),
+        ):
+            answer = await relay.post(path, fixture_bytes(fixture))
+            assert answer.status == 200, answer
+            assert "x-relay-fallback" not in answer.headers
+            answers[fixture.removesuffix(".json")] = answer.body
+        requests = await tap.take(2)
+    finally:
+        await responder.close()
+
+    for message, fixture in zip(requests, answers, strict=True):
+        pointer = f"#/components/messages/{fixture}"
+        properties = properties_of(message)
+        assert message.routing_key == fixture
+        assert message.body == fixture_bytes(f"{fixture}.json")
+        assert (
+            message.type
+            == document["components"]["messages"][fixture]["bindings"]["amqp"]["messageType"]
+        )
+        assert errors(document, f"{pointer}/x-amqp-properties", properties) == []
+        assert errors(document, f"{pointer}/headers", dict(message.headers or {})) == []
+        assert errors(document, f"{pointer}/payload", orjson.loads(message.body)) == []
+        assert errors(document, f"{pointer}.reply/payload", answers[fixture]) == []
+    check, redeem = requests
+    assert check.message_id == check.correlation_id  # a query: a fresh id
+    digest = hashlib.sha256(fixture_bytes("loyalty.redeem_reward.json")).hexdigest()
+    assert redeem.message_id == f"{PRINCIPAL}:loyalty.redeem_reward:sha256-{digest}"
