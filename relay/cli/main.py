@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tail",
         cmd_tail,
         "print the events the relay publishes, live, one line each (routing key, business, "
-        "reference, summary), through a temporary exclusive queue",
+        "reference, summary), through a temporary exclusive queue; or, with --queue, what "
+        "already waits on a queue",
         "retm-relay tail 'order.#'\n  retm-relay tail --json 'customer.*' | jq .body\n"
         "  retm-relay tail --queue retm.unrouted --count 20",
     )
@@ -311,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue",
         metavar="NAME",
         help="instead of live events, print the messages already waiting on queue NAME (e.g. "
-        "retm.unrouted, retm.rejected) and exit when it holds no more; non-destructive: they are "
-        "all given back to the queue at the end (requeued, flagged redelivered)",
+        "retm.unrouted, retm.rejected, a consumer's <queue>.dead) and exit when it holds no "
+        "more; non-destructive: they are all given back to the queue at the end, in order "
+        "(requeued, flagged redelivered; a quorum queue counts it as a delivery)",
     )
     tail_p.add_argument(
         "--ack",
