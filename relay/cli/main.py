@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="instead of live events, print the messages already waiting on queue NAME (e.g. "
         "retm.unrouted, retm.rejected, a consumer's <queue>.dead) and exit when it holds no "
-        "more; non-destructive: they are all given back to the queue at the end, in order "
+        "more; non-destructive: they are all given back to the queue at the end "
         "(requeued, flagged redelivered; a quorum queue counts it as a delivery)",
     )
     tail_p.add_argument(
