@@ -319,3 +319,32 @@ async def test_loyalty_requests_and_replies_match_the_contract(
     assert check.message_id == check.correlation_id  # a query: a fresh id
     digest = hashlib.sha256(fixture_bytes("loyalty.redeem_reward.json")).hexdigest()
     assert redeem.message_id == f"{PRINCIPAL}:loyalty.redeem_reward:sha256-{digest}"
+
+
+async def test_app_installed_matches_the_contract(
+    start_relay: StartRelay, broker: Broker, names: Names, document: dict[str, Any]
+) -> None:
+    """RETM's install callback, published as app.installed by a real relay, carries the
+    documented routing key, properties, headers (the merchant as x-retm-business) and payload;
+    the token the relay issued is not in it."""
+    path = "/retm/install/contract-test-0123456789"
+    relay = await start_relay(
+        RELAY_INSTALL_ENABLED="true",
+        RELAY_INSTALL_PATH=path,
+        RELAY_INSTALL_REQUIRE_DATA="state=b7f1c2",
+    )
+    tap = await broker.tap(names.exchange, "app.#")
+    body = fixture_bytes("install.success_callback.json")
+
+    answer = await relay.post(path, body, token=None)
+    message = await tap.get()
+
+    pointer = "#/components/messages/app.installed"
+    headers = dict(message.headers or {})
+    assert answer.status == 200, answer
+    assert (message.routing_key, message.type, message.body) == ("app.installed",) * 2 + (body,)
+    assert errors(document, f"{pointer}/x-amqp-properties", properties_of(message)) == []
+    assert errors(document, f"{pointer}/headers", headers) == []
+    assert errors(document, f"{pointer}/payload", orjson.loads(message.body)) == []
+    assert headers["x-retm-business"] == "nakheelember"
+    assert answer.body["token"].encode() not in message.body
