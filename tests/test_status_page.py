@@ -397,3 +397,17 @@ async def test_root_serves_the_page_with_a_strict_policy(relay: RunningRelay) ->
         "GET",
         "HEAD",
     }
+
+
+async def test_page_shows_what_retm_sent_as_text_only(relay: RunningRelay) -> None:
+    """Values from a request (the error webhook's endpoint and message) are escaped: they show
+    as text and can never add markup to the page."""
+    hostile = b'{"code": 500, "endpoint": "<b>x</b>", "message": "<script>alert(1)</script>\'"}'
+    assert (await relay.post("/retm/errors", hostile)).status == 200
+
+    page = (await relay.get("/")).body
+
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&#x27;" in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page
+    assert page.count("<script>") == 1  # the page's own refresher only
