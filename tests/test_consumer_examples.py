@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from relay.http.auth import token_digest
+from tests.cli import cli_environ, run_cli
 from tests.conftest import (
     AMQP_URL,
     ROOT,
@@ -201,6 +202,18 @@ async def test_consumer_example_processes_once_and_dead_letters_poison(
         f"processed {REFUND_ID} order.refunded",
     ]
     assert journal(tmp_path) == [(ORDER_ID, "order.created"), (REFUND_ID, "order.refunded")]
+    # `retm-relay tail --queue` shows the dead letter and leaves it on the quorum queue.
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    shown = await run_cli(
+        "tail", "--queue", names("orders") + ".dead", "--json", env=cli_environ(empty)
+    )
+    assert shown.code == 0, shown
+    (line,) = shown.stdout.splitlines()
+    assert (json.loads(line)["body"], json.loads(line)["properties"]["message_id"]) == (
+        json.loads(POISON),
+        POISON_ID,
+    )
     (dead,) = await dead_letters(names("orders") + ".dead")
     assert dead.body == POISON
     assert dead.message_id == POISON_ID

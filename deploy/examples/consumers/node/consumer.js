@@ -27,6 +27,8 @@ const MONEY = /^-?[0-9]+\.[0-9]{3}$/;
 
 class Poison extends Error {}
 
+let stopping = false; // set by SIGINT/SIGTERM: what fails from then on is the shutdown itself
+
 class Journal {
   constructor(path) {
     this.seen = new Set();
@@ -108,7 +110,18 @@ async function main() {
   const journal = new Journal(env.RETM_JOURNAL || "processed.jsonl");
 
   const connection = await amqp.connect(url);
-  let stopping = false;
+  let consumerTag = null;
+  let channel = null;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    if (channel !== null && consumerTag !== null) await channel.cancel(consumerTag);
+    await connection.close();
+  };
+  // Before the first message can arrive: a stop request is never the default (abrupt) exit.
+  const onSignal = () => stop().catch((err) => console.error(`while stopping: ${err.message}`));
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
   connection.on("close", () => {
     if (!stopping) {
       console.error("broker link lost");
@@ -116,7 +129,7 @@ async function main() {
     }
   });
   connection.on("error", (err) => console.error(`broker link error: ${err.message}`));
-  const channel = await connection.createChannel();
+  channel = await connection.createChannel();
   await channel.prefetch(10);
   await channel.assertExchange(exchange, "topic", { durable: true });
   await channel.assertExchange(dlx, "direct", { durable: true });
@@ -134,21 +147,13 @@ async function main() {
   for (const pattern of bindings) await channel.bindQueue(queue, exchange, pattern);
 
   console.log(`ready ${queue}`); // declared and bound: from here on nothing is missed
-  const { consumerTag } = await channel.consume(queue, (message) => {
+  ({ consumerTag } = await channel.consume(queue, (message) => {
     if (message !== null) handle(channel, message, journal);
-  }, { noAck: false });
-
-  const stop = async () => {
-    if (stopping) return;
-    stopping = true;
-    await channel.cancel(consumerTag);
-    await connection.close();
-  };
-  process.on("SIGINT", stop);
-  process.on("SIGTERM", stop);
+  }, { noAck: false }));
 }
 
 main().catch((err) => {
+  if (stopping) return; // a stop during start-up: the closed connection fails the last call
   console.error(err.message);
   process.exit(1);
 });
