@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= config/relay.example.toml
 
-.PHONY: run test lint format venv services browser tools bench chaos clean
+.PHONY: run test lint format venv services browser tools node bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,12 +38,23 @@ run: $(STAMP) var/dev-token
 	@echo "retm-relay: webhook token in var/dev-token; Ctrl-C stops the relay"
 	RELAY_AUTH_TOKENS_FILE=var/dev-token $(BIN)/retm-relay serve --config $(CONFIG)
 
+# The Node.js projects the tests run, installed from their lockfiles with `npm ci`: the AsyncAPI
+# parser that validates docs/asyncapi.yaml, and the Node consumer example.
+NODE_PROJECTS := tools/asyncapi deploy/examples/consumers/node
+NODE_STAMPS := $(addsuffix /node_modules/.installed,$(NODE_PROJECTS))
+
+%/node_modules/.installed: %/package-lock.json %/package.json
+	cd $* && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node: $(NODE_STAMPS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint services browser tools
+test: lint services browser tools node
 	$(BIN)/pytest
 
 # The benchmark of issue 5 (bench/run.py): a few minutes; BENCH_ARGS="--quick" for a smoke run,

@@ -18,10 +18,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.rates import RecentCounts
+from relay.rates import PerMinute, RecentCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_EVENT_LABELS = 200  # event names come from RETM; past this many, they count as "other"
+#: the webhook outcomes of the status page's chart, counted per minute over the last hour
+CHART_OUTCOMES = ("accepted", "duplicate", "spooled", "rejected")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -173,6 +175,8 @@ class Metrics:
         self.last_event_at: dict[str, float] = {}
         #: events published in the last minute, by event (the status page's events per minute)
         self.recent = RecentCounts(window=60)
+        #: webhook answers per minute over the last hour, by outcome (CHART_OUTCOMES)
+        self.per_minute = PerMinute(minutes=60)
 
     def gauge_callback(self, name: str, doc: str, callback: Callable[[], float]) -> None:
         """Export ``callback()`` as gauge ``name`` at every scrape."""
@@ -203,6 +207,8 @@ class Metrics:
         self._child(self._request_seconds, route).observe(seconds)
         if outcome in self.counts:
             self.counts[outcome] += 1
+        if outcome in {"accepted", "duplicate", "spooled"}:
+            self.per_minute.add(outcome)
 
     def published(self, event: str, confirm_seconds: float) -> None:
         """An event confirmed by the broker ``confirm_seconds`` after its publish."""
@@ -224,6 +230,7 @@ class Metrics:
         """A request answered 4xx for ``reason`` (``unauthorized``, ``invalid_json`` ...)."""
         self._child(self._rejected, reason).inc()
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+        self.per_minute.add("rejected")
 
     def unavailable(self, reason: str) -> None:
         """A request answered 503 because the event could not be made durable."""

@@ -192,7 +192,8 @@ async def test_allow_list_refuses_other_sources_but_not_monitoring(
     start_relay: StartRelay, broker: Broker, names: Names
 ) -> None:
     """With http.allow_sources, other sources get 403 ``source_not_allowed`` and publish
-    nothing; health and metrics stay reachable; an allowed source is served as usual."""
+    nothing; health, metrics, the status page and the AsyncAPI document stay reachable; an
+    allowed source is served as usual."""
     relay = await start_relay(RELAY_HTTP_ALLOW_SOURCES="127.0.0.2/32,2001:db8::/32")
     tap = await broker.tap(names.exchange)
     url = relay.url + "/retm/events"
@@ -203,7 +204,7 @@ async def test_allow_list_refuses_other_sources_but_not_monitoring(
             "error": "source_not_allowed",
             "detail": "this source address may not call the relay",
         }
-        for path in ("/healthz", "/readyz", "/health", "/metrics"):
+        for path in ("/healthz", "/readyz", "/health", "/metrics", "/", "/asyncapi.yaml"):
             async with outsider.get(relay.url + path) as response:
                 assert response.status == 200, path
 

@@ -12,7 +12,15 @@ from aiormq.exceptions import ChannelNotFoundEntity
 
 from relay.http.auth import token_digest
 from tests.cli import CliProcess, cli_environ, closed_port, run_cli
-from tests.conftest import AMQP_URL, TOKEN, Broker, Names, RunningRelay, fixture_bytes
+from tests.conftest import (
+    AMQP_URL,
+    TOKEN,
+    Broker,
+    Names,
+    RunningRelay,
+    fixture_bytes,
+    wait_for,
+)
 
 PRINCIPAL = f"token-{token_digest(TOKEN).hex()[:8]}"
 
@@ -156,3 +164,69 @@ async def test_tail_rejects_a_pattern_that_cannot_match(env: dict[str, str]) -> 
 
     assert result.code == 2
     assert "is not a binding pattern" in result.stderr
+
+
+async def queue_depth(name: str) -> int:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(name, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def test_tail_queue_reads_what_waits_and_leaves_it(
+    relay: RunningRelay, env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """``tail --queue`` prints the messages already waiting on the unrouted queue, oldest
+    first, and exits; they are all still there afterwards. ``--ack --count 1`` prints and
+    removes the oldest only."""
+    broker.forget_later(queues=(names.unrouted,))
+    for fixture in ("order.created.json", "order.refunded.json"):
+        assert (await relay.event(fixture_bytes(fixture))).status == 200
+    await wait_for_depth(names.unrouted, 2)
+    unrouted = [
+        line.replace(key.ljust(20), f"{key} (unrouted)".ljust(20), 1)
+        for line, key in ((ORDER_LINE, "order.created"), (REFUND_LINE, "order.refunded"))
+    ]
+
+    browsed = await run_cli("tail", "--queue", names.unrouted, env=env)
+    depth_after_browse = await queue_depth(names.unrouted)
+    acked = await run_cli("tail", "--queue", names.unrouted, "--ack", "--count", "1", env=env)
+    left = await run_cli("tail", "--queue", names.unrouted, "--json", env=env)
+
+    assert browsed.code == 0, browsed
+    assert browsed.stdout.splitlines() == unrouted
+    assert browsed.stderr.endswith("retm-relay tail: 2 messages (left on the queue)\n")
+    assert depth_after_browse == 2
+    assert acked.code == 0, acked
+    assert acked.stdout.splitlines() == unrouted[:1]
+    assert acked.stderr.endswith("retm-relay tail: 1 message (removed)\n")
+    (line,) = left.stdout.splitlines()
+    message = json.loads(line)
+    assert message["body"] == json.loads(fixture_bytes("order.refunded.json"))
+    assert message["headers"]["x-relay-routing-key"] == "order.refunded"
+    assert message["redelivered"] is True  # given back twice already
+    assert await queue_depth(names.unrouted) == 1
+
+
+async def wait_for_depth(name: str, depth: int) -> None:
+    async def reached() -> bool:
+        return await queue_depth(name) == depth
+
+    await wait_for(reached, what=f"{depth} messages on {name}")
+
+
+async def test_tail_queue_fails_when_the_queue_does_not_exist(env: dict[str, str]) -> None:
+    """A queue that does not exist: exit 1 naming it; a pattern beside --queue is a usage
+    error, as is --ack without --queue."""
+    missing = await run_cli("tail", "--queue", "no.such.queue.here", env=env)
+    with_pattern = await run_cli("tail", "--queue", "x", "order.#", env=env)
+    ack_alone = await run_cli("tail", "--ack", env=env)
+
+    assert missing.code == 1
+    assert missing.stderr.startswith("retm-relay tail: queue 'no.such.queue.here' does not exist")
+    assert (with_pattern.code, ack_alone.code) == (2, 2)
+    assert "--queue reads one queue" in with_pattern.stderr
+    assert "--ack needs --queue" in ack_alone.stderr

@@ -12,7 +12,7 @@ from relay.cli.main import build_parser
 from relay.cli.send import default_url
 from relay.cli.tail import summary
 from relay.errors import ConfigError
-from relay.rates import RecentCounts
+from relay.rates import PerMinute, RecentCounts
 from relay.settings import QueueSpec, load_settings
 from tests.conftest import fixture_bytes
 
@@ -206,6 +206,38 @@ def test_recent_counts_memory_is_bounded_by_the_window() -> None:
         recent.add("order.created")
     assert len(recent._buckets["order.created"]) <= 60
     assert recent.counts() == {"order.created": 600}
+
+
+def test_per_minute_counts_whole_utc_minutes_of_the_last_hour() -> None:
+    """Counts fall into wall-clock minutes; the series is the last 60 minutes, oldest first,
+    the current minute last, zeros where nothing happened and for names never counted."""
+    now = [1_800_000_000.0 + 59]  # 59 s into a minute (1_800_000_000 is a multiple of 60)
+    per_minute = PerMinute(minutes=60, clock=lambda: now[0])
+    per_minute.add("accepted")
+    now[0] += 1  # the next minute
+    per_minute.add("accepted", 2)
+    per_minute.add("rejected")
+
+    series = per_minute.series(("accepted", "rejected", "spooled"))
+
+    assert series["start"] == 1_800_000_060 - 59 * 60
+    assert series["minutes"] == 60
+    assert series["accepted"] == [0] * 58 + [1, 2]
+    assert series["rejected"] == [0] * 59 + [1]
+    assert series["spooled"] == [0] * 60
+    now[0] += 59 * 60  # the first count is now 60 minutes old: out of the window
+    assert per_minute.series(("accepted",))["accepted"] == [2] + [0] * 59
+
+
+def test_per_minute_memory_is_bounded_by_the_hour() -> None:
+    """A day of traffic keeps at most 60 buckets per name."""
+    now = [0.0]
+    per_minute = PerMinute(minutes=60, clock=lambda: now[0])
+    for i in range(24 * 60 * 4):
+        now[0] = i * 15.0
+        per_minute.add("accepted")
+    assert len(per_minute._buckets["accepted"]) <= 60
+    assert per_minute.series(("accepted",))["accepted"] == [4] * 60
 
 
 # -- --help ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from tests.conftest import (
     TOKEN,
     Broker,
     Names,
+    RelayProcess,
     RunningRelay,
     assert_only_sentinel_follows,
     fixture_bytes,
@@ -374,3 +376,67 @@ async def test_config_tokens_still_work_beside_the_registry(
     relay = await start_flow_relay()
     await install(relay, install_path)
     assert (await relay.event(b'{"event":"order.created"}', token=TOKEN)).status == 200
+
+
+async def test_tokens_list_shows_the_settings_tokens_masked(tmp_path: Path) -> None:
+    """``tokens list`` shows the tokens of ``auth.tokens`` beside the registry's, by fingerprint
+    (source ``settings``, state ``active``), and never the tokens themselves."""
+    state_dir = tmp_path / "state"
+    plain, bound = "settings-token-" + "a" * 24, "settings-token-" + "b" * 24
+    registered = (await run_cli(state_dir, "add", "cafe-01")).strip()
+    extra = {"RELAY_AUTH_TOKENS": f"{plain},cafe-02:{bound}"}
+
+    listing = await run_cli(state_dir, "list", extra=extra)
+    as_json = [
+        orjson.loads(line)
+        for line in (await run_cli(state_dir, "list", "--json", extra=extra)).splitlines()
+    ]
+
+    rows = [line.split() for line in listing.splitlines()]
+    assert rows[0] == ["FINGERPRINT", "BUSINESS", "SOURCE", "CREATED", "STATE"]
+    assert rows[1] == [token_digest(plain).hex()[:8], "-", "settings", "-", "active"]
+    assert rows[2] == [token_digest(bound).hex()[:8], "cafe-02", "settings", "-", "active"]
+    assert rows[3][:3] == [token_digest(registered).hex()[:8], "cafe-01", "cli"]
+    assert len(rows) == 4
+    for secret in (plain, bound, registered):
+        assert secret not in listing
+        assert secret not in str(as_json)
+    assert as_json[:2] == [
+        {
+            "fingerprint": token_digest(plain).hex()[:8],
+            "business": None,
+            "created_at": None,
+            "expires_at": None,
+            "source": "settings",
+            "state": "active",
+        },
+        {
+            "fingerprint": token_digest(bound).hex()[:8],
+            "business": "cafe-02",
+            "created_at": None,
+            "expires_at": None,
+            "source": "settings",
+            "state": "active",
+        },
+    ]
+    assert as_json[2]["source"] == "cli"
+
+
+async def test_start_up_log_counts_the_tokens_of_each_kind(
+    names: Names, broker: Broker, tmp_path: Path
+) -> None:
+    """The relay's start-up log line ``tokens.loaded`` says how many tokens came from the
+    settings and how many from the registry."""
+    state_dir = tmp_path / "state"
+    await run_cli(state_dir, "add", "cafe-01")
+    await run_cli(state_dir, "add", "cafe-02")
+    await run_cli(state_dir, "add", "cafe-03")
+    environ = relay_environ(names, state_dir, RELAY_AUTH_TOKENS=f"{TOKEN},cafe-09:{TOKEN}-second")
+    process = await RelayProcess(environ).start()
+    try:
+        line = await process.wait_log("tokens.loaded")
+    finally:
+        process.signal(signal.SIGTERM)
+        await process.wait()
+
+    assert (line["settings"], line["registry"], line["tokens"]) == (2, 3, 5)

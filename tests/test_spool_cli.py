@@ -91,6 +91,26 @@ async def test_stats_reports_totals(cli: Cli, spooled: list[Envelope], state: Pa
     assert data["oldest_age_seconds"] >= 0
 
 
+async def test_stats_of_an_empty_spool_never_prints_none(cli: Cli, state: Path) -> None:
+    """``stats`` of an empty spool: one line per figure, ``-`` for the oldest event (none),
+    ``no`` for a spool no relay holds; never ``None``."""
+    spool = spool_at(state / "spool.db", max_events=100, max_bytes=2_000_000)
+    await spool.open()
+    await spool.close()
+
+    result = await cli("stats")
+
+    assert result.code == 0, result.err
+    lines = dict(line.split(None, 1) for line in result.out.splitlines())
+    assert "None" not in result.out
+    assert lines["events"] == "0"
+    assert lines["oldest_spooled_at"] == "-"
+    assert lines["oldest_age_seconds"] == "0"
+    assert lines["dedup_keys"] == "0"
+    assert lines["in_use"] == "no"
+    assert lines["path"] == str(state / "spool.db")
+
+
 async def test_stats_without_a_spool_fails_clearly(cli: Cli, state: Path) -> None:
     """No spool file: exit 1 with a message naming the path, nothing on stdout."""
     result = await cli("stats")

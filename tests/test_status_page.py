@@ -1,6 +1,8 @@
 """The status page (``GET /``) in real headless Chromium (Debian's, driven by Playwright): what it
-renders equals ``/health``, it refreshes by itself, and it says when the relay is unready or
-gone. Screenshots are kept under the test's tmp dir (``status.png``)."""
+renders equals ``/health`` in human units, the first HTML already holds every figure (also with
+JavaScript off), the chart of the last hour shows the answers by outcome, it refreshes by itself,
+and it says when the relay is unready or gone. Screenshots are kept under the test's tmp dir
+(``status.png``, ``chart.png``, ``first-paint.png``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import os
 import re
 import shutil
 import struct
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +93,9 @@ class StatusPage:
     async def wait_render(self, after: int = 0) -> None:
         """Wait until the page rendered /health more than ``after`` times."""
         await self.page.wait_for_function(
-            f"Number(document.body.dataset.renders || 0) > {after}", timeout=10_000
+            "(after) => Number(document.body.dataset.renders || 0) > after",
+            arg=after,
+            timeout=10_000,
         )
 
     async def wait_text(self, path: list[str], text: str) -> None:
@@ -121,24 +127,69 @@ def lookup(health: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def shown(value: Any, fmt: str | None) -> str:
-    """How the page must show ``value`` (the page's own rules, restated)."""
+    """How the page must show ``value`` (the page's own rules, restated): ``none``, yes/no,
+    counts with thousands separators, times as ``YYYY-MM-DD HH:MM:SS UTC``, sizes in binary
+    units with one decimal."""
     if value is None:
         return "none"
     if fmt == "time":
-        import time  # noqa: PLC0415
-
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+    if fmt == "bytes":
+        units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        exponent = 0
+        while value >= 1024 ** (exponent + 1) and exponent < 4:
+            exponent += 1
+        return (
+            f"{int(value)} B"
+            if exponent == 0
+            else f"{value / 1024**exponent:.1f} {units[exponent]}"
+        )
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # JavaScript shows 86400.0 as 86400
+        value = int(value)
+    if isinstance(value, int):
+        return f"{value:,}"
     return str(value)
 
 
+def assert_matches_health(
+    values: dict[tuple[str, ...], tuple[str, str | None]], health: dict[str, Any]
+) -> None:
+    """Every figure bound to /health shows its value there, by the page's rules."""
+    for path, (text, fmt) in values.items():
+        expected = lookup(health, path)
+        if fmt == "duration":
+            assert 0 <= expected - seconds_of(text) <= 5, (path, text, expected)
+        else:
+            assert text == shown(expected, fmt), (path, text, expected)
+
+
+async def chart_bars(page: Page) -> list[dict[str, Any]]:
+    """Every bar of the chart: outcome, count, minute, drawn height and fill colour."""
+    bars: list[dict[str, Any]] = await page.eval_on_selector_all(
+        "#chart rect.bar",
+        """rects => rects.map(r => ({
+            outcome: r.dataset.outcome, count: Number(r.dataset.count),
+            minute: Number(r.dataset.minute), height: r.getBBox().height,
+            y: r.getBBox().y, fill: getComputedStyle(r).fill}))""",
+    )
+    return bars
+
+
+def totals(bars: list[dict[str, Any]]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for bar in bars:
+        found[bar["outcome"]] = found.get(bar["outcome"], 0) + bar["count"]
+    return found
+
+
 def seconds_of(duration: str) -> int:
-    """``1h 02m 03s`` -> 3723 (the page's duration format)."""
+    """``1h 02m 03s`` -> 3723, ``1d 00h 00m`` -> 86400 (the page's duration format)."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    parts = re.fullmatch(r"(?:(\d+)d )?(?:(\d+)h )?(?:(\d+)m )?(?:(\d+)s)?", duration)
+    parts = re.fullmatch(r"(?:(\d+)d ?)?(?:(\d+)h ?)?(?:(\d+)m ?)?(?:(\d+)s)?", duration)
     assert parts, duration
     return sum(int(n or 0) * units[u] for n, u in zip(parts.groups(), "dhms", strict=True))
 
@@ -174,12 +225,7 @@ async def test_status_page_shows_what_health_says(
     health = (await relay.get("/health")).body
 
     assert png_size(screenshot)[0] == VIEWPORT["width"]
-    for path, (text, fmt) in values.items():
-        expected = lookup(health, path)
-        if fmt == "duration":
-            assert 0 <= expected - seconds_of(text) <= 5, (path, text, expected)
-        else:
-            assert text == shown(expected, fmt), (path, text, expected)
+    assert_matches_health(values, health)
     must_show = {
         ("status",): "ready",
         ("version",): __version__,
@@ -200,8 +246,69 @@ async def test_status_page_shows_what_health_says(
     assert {path: values[path][0] for path in must_show} == must_show
     assert ("uptime_seconds",) in values
     assert values[("spool", "events")][0] == "0"
+    assert values[("spool", "max_bytes")] == ("1.0 GiB", "bytes")
+    assert values[("dedup", "ttl_seconds")] == ("1d 00h 00m", "duration")
+    assert values[("last_retm_error", "received_at")][0].endswith(" UTC")
     assert await status.page.query_selector("#spool-na") is None
     assert status.errors == []  # no script error, no Content-Security-Policy violation
+
+    # The chart: the last hour's answers by outcome, drawn in colour, heights to scale.
+    bars = await chart_bars(status.page)
+    chart_png = tmp_path / "chart.png"
+    await status.page.locator("#chart").screenshot(path=str(chart_png))
+    series = health["outcomes_per_minute"]
+    top = int(await status.page.get_attribute("#chart", "data-top") or 0)
+    assert totals(bars) == {"accepted": 4, "duplicate": 1, "rejected": 2}
+    assert {o: sum(series[o]) for o in ("accepted", "duplicate", "rejected", "spooled")} == {
+        "accepted": 4, "duplicate": 1, "rejected": 2, "spooled": 0,
+    }  # fmt: skip
+    assert len(series["accepted"]) == series["minutes"] == 60
+    assert top >= max(
+        sum(series[o][i] for o in ("accepted", "duplicate", "rejected", "spooled"))
+        for i in range(60)
+    )
+    colours = {"accepted": "rgb(47, 126, 216)", "duplicate": "rgb(142, 111, 216)",
+               "rejected": "rgb(217, 83, 79)"}  # fmt: skip
+    for bar in bars:
+        assert series["start"] <= bar["minute"] < series["start"] + 3600
+        assert abs(bar["height"] - bar["count"] / top * 184) < 0.2, bar
+        assert bar["fill"] == colours[bar["outcome"]], bar
+    legend = await status.page.eval_on_selector_all(
+        ".legend li", "items => items.map(i => [i.dataset.outcome, i.textContent])"
+    )
+    assert legend == [
+        ["accepted", "accepted 4"], ["duplicate", "duplicate 1"], ["spooled", "spooled 0"],
+        ["rejected", "rejected 2"],
+    ]  # fmt: skip
+    assert png_size(chart_png)[0] >= 900
+
+
+async def test_first_html_holds_the_figures_without_any_script(
+    relay: RunningRelay, browser: Browser, tmp_path: Path
+) -> None:
+    """With JavaScript off (a plain screenshot, no fetch), the page as served already shows
+    every figure of /health and the chart: server-side rendered."""
+    for body in (fixture_bytes("order.created.json"), fixture_bytes("order.created.json")):
+        assert (await relay.event(body)).status == 200
+    context = await browser.new_context(java_script_enabled=False, viewport=VIEWPORT)
+    page = await context.new_page()
+    response = await page.goto(relay.url + "/")
+    assert response is not None
+    await page.screenshot(path=str(tmp_path / "first-paint.png"), full_page=True)
+    status = StatusPage(page)
+    values = await status.bound_values()
+    health = (await relay.get("/health")).body
+    bars = await chart_bars(page)
+
+    assert await page.get_attribute("body", "data-renders") is None
+    assert_matches_health(values, health)
+    assert values[("status",)][0] == "ready"
+    assert values[("counters", "accepted")][0] == "1"
+    assert values[("counters", "duplicate")][0] == "1"
+    assert values[("events_per_minute", "order.created")][0] == "1"
+    assert totals(bars) == {"accepted": 1, "duplicate": 1}
+    assert (await page.text_content("#updated") or "").endswith(" UTC")
+    await context.close()
 
 
 async def test_status_page_refreshes_by_itself(relay: RunningRelay, browser: Browser) -> None:
@@ -240,9 +347,10 @@ async def test_status_page_shows_unready_reasons_and_the_spool(
     assert values[("checks", "broker")][0] == reason
     assert values[("broker", "connected")][0] == "no"
     assert health["spool"]["events"] == 3
-    assert values[("spool", "bytes")][0] == str(health["spool"]["bytes"])
+    assert values[("spool", "bytes")] == (shown(health["spool"]["bytes"], "bytes"), "bytes")
     assert values[("spool", "full")][0] == "no"
     assert values[("spool", "path")][0] == health["spool"]["path"]
+    assert totals(await chart_bars(status.page)) == {"spooled": 3}
     age_shown = seconds_of(values[("spool", "oldest_age_seconds")][0])
     assert 0 <= health["spool"]["oldest_age_seconds"] - age_shown <= 5
     assert await status.page.query_selector("#spool-na") is None
@@ -266,7 +374,7 @@ async def test_status_page_says_when_the_relay_is_gone(
     await status.page.wait_for_selector("body.unreachable #banner", timeout=10_000)
     assert await status.text("#status") == "unreachable"
     banner = await status.text("#banner")
-    assert banner.startswith(f"The relay does not answer {relay.url}/health")
+    assert banner.startswith(f"The relay does not answer {relay.url}/?refresh=0.5 (since ")
     assert await status.text("[data-path='[\"version\"]']") == __version__
     await status.page.screenshot(path=str(tmp_path / "status-gone.png"))
     assert TOKEN not in await status.page.content()
@@ -289,3 +397,17 @@ async def test_root_serves_the_page_with_a_strict_policy(relay: RunningRelay) ->
         "GET",
         "HEAD",
     }
+
+
+async def test_page_shows_what_retm_sent_as_text_only(relay: RunningRelay) -> None:
+    """Values from a request (the error webhook's endpoint and message) are escaped: they show
+    as text and can never add markup to the page."""
+    hostile = b'{"code": 500, "endpoint": "<b>x</b>", "message": "<script>alert(1)</script>\'"}'
+    assert (await relay.post("/retm/errors", hostile)).status == 200
+
+    page = (await relay.get("/")).body
+
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&#x27;" in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page
+    assert page.count("<script>") == 1  # the page's own refresher only

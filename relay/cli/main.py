@@ -131,6 +131,10 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     from relay.settings import is_binding_pattern  # noqa: PLC0415
 
     _quiet_library_logs()
+    if args.queue is not None:
+        return _tail_queue(settings, args)
+    if args.ack:
+        return _fail("tail", "--ack needs --queue", EXIT_USAGE)
     if not is_binding_pattern(args.pattern):
         return _fail(
             "tail",
@@ -154,6 +158,35 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     sys.stderr.write(f"retm-relay tail: {printed} event{'' if printed == 1 else 's'}\n")
+    return EXIT_OK
+
+
+def _tail_queue(settings: Settings, args: argparse.Namespace) -> int:
+    """``tail --queue NAME``: print what waits on the queue, then exit."""
+    from relay.cli.tail import TailError, read_queue  # noqa: PLC0415
+
+    if args.exchange is not None or args.pattern != "#":
+        return _fail(
+            "tail", "--queue reads one queue: give no pattern and no --exchange", EXIT_USAGE
+        )
+    try:
+        printed = run_loop(
+            read_queue(
+                settings,
+                args.queue,
+                ack=args.ack,
+                as_json=args.json,
+                count=args.count,
+                out=sys.stdout,
+                err=sys.stderr,
+            )
+        )
+    except TailError as exc:
+        return _fail("tail", str(exc))
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    kept = "removed" if args.ack else "left on the queue"
+    sys.stderr.write(f"retm-relay tail: {printed} message{'' if printed == 1 else 's'} ({kept})\n")
     return EXIT_OK
 
 
@@ -255,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tail",
         cmd_tail,
         "print the events the relay publishes, live, one line each (routing key, business, "
-        "reference, summary), through a temporary exclusive queue",
-        "retm-relay tail 'order.#'\n  retm-relay tail --json 'customer.*' | jq .body",
+        "reference, summary), through a temporary exclusive queue; or, with --queue, what "
+        "already waits on a queue",
+        "retm-relay tail 'order.#'\n  retm-relay tail --json 'customer.*' | jq .body\n"
+        "  retm-relay tail --queue retm.unrouted --count 20",
     )
     tail_p.add_argument(
         "pattern", nargs="?", default="#", help="binding pattern (default #: every event)"
@@ -272,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="N",
         help="exit after N events (default: run until Ctrl-C)",
+    )
+    tail_p.add_argument(
+        "--queue",
+        metavar="NAME",
+        help="instead of live events, print the messages already waiting on queue NAME (e.g. "
+        "retm.unrouted, retm.rejected, a consumer's <queue>.dead) and exit when it holds no "
+        "more; non-destructive: they are all given back to the queue at the end "
+        "(requeued, flagged redelivered; a quorum queue counts it as a delivery)",
+    )
+    tail_p.add_argument(
+        "--ack",
+        action="store_true",
+        help="with --queue: acknowledge each printed message, which removes it from the queue",
     )
 
     declare_p = add(

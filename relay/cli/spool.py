@@ -62,6 +62,15 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def _shown(value: object) -> str:
+    """A stats value for a person: ``-`` for nothing (never ``None``), ``yes``/``no``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     """Print the spool's totals."""
     path = spool_path(settings, args)
@@ -88,7 +97,7 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in data)
         for key, value in data.items():
-            sys.stdout.write(f"{key:<{width}}  {value}\n")
+            sys.stdout.write(f"{key:<{width}}  {_shown(value)}\n")
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""``retm-relay tail``: watch the events the relay publishes, live, one line each.
+"""``retm-relay tail``: watch the events the relay publishes, live, one line each; or read what
+already waits on a named queue (``--queue``).
 
 tail binds a temporary queue to the event exchange(s) with a binding pattern and prints every
 message that arrives. The queue is server-named, exclusive and auto-delete (it vanishes with the
@@ -7,6 +8,16 @@ automatic acknowledgement: tail never takes a message from anyone else's queue.
 
 One caveat, by the nature of AMQP: while tail is bound, the events its pattern matches count as
 routed, so an event no other queue is bound for is not also diverted to the unrouted exchange.
+
+``--queue NAME`` reads the messages already waiting on an existing queue (``retm.unrouted``, the
+quarantine ``retm.rejected``, a consumer's dead-letter queue), prints them and exits when the
+queue holds no more (or after ``--count``). By default this is non-destructive: each message is
+taken without acknowledgement and, once all are printed, the whole batch is given back with
+``basic.nack(multiple, requeue)``, so the queue holds the same messages again (flagged
+redelivered; a quorum queue counts the requeue as a delivery). Should tail die first, the broker
+requeues the unacknowledged messages itself when the connection closes. ``ack=True`` (``--ack``)
+acknowledges each message once printed, removing it from the queue. Messages are taken one at a
+time with ``basic.get``, so tail never holds more than one in memory.
 
 Line format: ``<routing key> <business> <reference> <summary>``; ``-`` for what is unknown. The
 summary comes from RETM's field names (docs/retm.md, "Invoice webhooks", "Customer webhook",
@@ -153,7 +164,8 @@ def format_json(message: AbstractIncomingMessage) -> bytes:
 
 
 class TailError(Exception):
-    """tail cannot go on: the broker is unreachable, an exchange is missing, the link broke."""
+    """tail cannot go on: the broker is unreachable, an exchange or queue is missing, the link
+    broke."""
 
 
 async def run(
@@ -181,6 +193,70 @@ async def run(
             loop.remove_signal_handler(signum)
 
 
+async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:
+    """A connection to ``amqp.url``; raises TailError saying why not."""
+    address = broker_address(settings.amqp.url.value)
+    try:
+        return await aio_pika.connect(
+            settings.amqp.url.value,
+            timeout=settings.amqp.connect_timeout,
+            client_properties={"connection_name": f"retm-relay tail {name}"},
+        )
+    except ProbableAuthenticationError:
+        raise TailError(f"the broker at {address} refused the credentials of amqp.url") from None
+    except (*CONNECTION_EXCEPTIONS, TimeoutError, OSError) as exc:
+        raise TailError(f"cannot connect to the broker at {address}: {exc}") from None
+
+
+async def read_queue(
+    settings: Settings,
+    queue_name: str,
+    *,
+    ack: bool = False,
+    as_json: bool = False,
+    count: int | None = None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Print the messages waiting on the existing queue ``queue_name`` until it holds no more
+    (or ``count`` were printed); returns the number printed. ``ack``: acknowledge (remove)
+    each printed message; otherwise give them all back to the queue at the end (see the module
+    docstring). Raises TailError when the broker is unreachable, the queue does not exist or the
+    link breaks."""
+    address = broker_address(settings.amqp.url.value)
+    connection = await _connect(settings, queue_name)
+    printed = 0
+    async with connection:
+        channel = await connection.channel()
+        try:
+            queue = await channel.get_queue(queue_name, ensure=True)
+        except ChannelNotFoundEntity:
+            raise TailError(f"queue {queue_name!r} does not exist on {address}") from None
+        mode = "acknowledging (removing) each" if ack else "giving every message back at the end"
+        err.write(f"retm-relay tail: reading queue {queue_name} ({mode})\n")
+        err.flush()
+        last: AbstractIncomingMessage | None = None
+        try:
+            while count is None or printed < count:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                line = format_json(message).decode() if as_json else format_line(message)
+                out.write(line + "\n")
+                out.flush()
+                printed += 1
+                if ack:
+                    await message.ack()
+                else:
+                    last = message
+        except CONNECTION_EXCEPTIONS as exc:
+            raise TailError(f"the broker link was lost after {printed} messages: {exc}") from None
+        finally:
+            if last is not None and not channel.is_closed:
+                await last.nack(multiple=True, requeue=True)
+    return printed
+
+
 async def _tail(
     settings: Settings,
     pattern: str,
@@ -192,16 +268,7 @@ async def _tail(
     stop: asyncio.Event,
 ) -> int:
     address = broker_address(settings.amqp.url.value)
-    try:
-        connection = await aio_pika.connect(
-            settings.amqp.url.value,
-            timeout=settings.amqp.connect_timeout,
-            client_properties={"connection_name": f"retm-relay tail {pattern}"},
-        )
-    except ProbableAuthenticationError:
-        raise TailError(f"the broker at {address} refused the credentials of amqp.url") from None
-    except (*CONNECTION_EXCEPTIONS, TimeoutError, OSError) as exc:
-        raise TailError(f"cannot connect to the broker at {address}: {exc}") from None
+    connection = await _connect(settings, pattern)
 
     lost: list[str] = []
     received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()

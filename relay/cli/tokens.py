@@ -3,7 +3,9 @@
 Works on the store the daemon uses (``install.store``: SQLite in ``state.dir``, or Redis) while
 the daemon runs; the daemon notices a change within about a second. Nothing here prints a full
 token except the one ``add`` or ``rotate`` has just created (the registry holds only digests);
-tokens are named by their fingerprint, the first 8 hex characters of their SHA-256.
+tokens are named by their fingerprint, the first 8 hex characters of their SHA-256. ``list`` also
+shows the tokens of the settings (``auth.tokens``, source ``settings``), masked the same way; those
+change only with the configuration, not with ``add``, ``rotate`` or ``revoke``.
 
     retm-relay tokens list [--json]
     retm-relay tokens add BUSINESS             # an extra token; the others stay valid
@@ -21,6 +23,7 @@ from datetime import UTC, datetime
 import orjson
 
 from relay.errors import StoreUnavailable
+from relay.http.auth import token_digest
 from relay.retm.tokens import (
     BUSINESS_RE,
     TokenRecord,
@@ -42,7 +45,10 @@ def add_arguments(
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     parents = [common] if common is not None else []
     listing = actions.add_parser(
-        "list", parents=parents, help="show every token (fingerprint, never the token)"
+        "list",
+        parents=parents,
+        help="show every token, of the settings (auth.tokens) and of the registry, by "
+        "fingerprint (never the token)",
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     add = actions.add_parser(
@@ -75,6 +81,15 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def settings_records(settings: Settings) -> list[TokenRecord]:
+    """The tokens of ``auth.tokens`` as registry-like records (source ``settings``, no creation
+    time, business ``-`` when the token is not bound to one), for ``list``."""
+    return [
+        TokenRecord(token_digest(spec.token.value), spec.business or "-", 0.0, None, "settings")
+        for spec in settings.auth.tokens
+    ]
+
+
 def _state(record: TokenRecord, now: float) -> str:
     if record.expires_at is None:
         return "active"
@@ -98,10 +113,13 @@ async def run_tokens(settings: Settings, args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         if args.action == "list":
-            records = await store.load()
+            records = settings_records(settings) + await store.load()
             if args.json:
                 for r in records:
                     line = {"fingerprint": r.fingerprint, **r.as_json(), "state": _state(r, now)}
+                    if r.source == "settings":
+                        line.update(business=None if r.business == "-" else r.business)
+                        line.update(created_at=None)
                     out.write(orjson.dumps(line).decode() + "\n")
             else:
                 out.write(f"{'FINGERPRINT':<12}{'BUSINESS':<26}{'SOURCE':<9}{'CREATED':<22}STATE\n")
@@ -111,7 +129,7 @@ async def run_tokens(settings: Settings, args: argparse.Namespace) -> int:
                         state += f" until {_iso(r.expires_at)}"
                     out.write(
                         f"{r.fingerprint:<12}{r.business:<26}{r.source:<9}"
-                        f"{_iso(r.created_at):<22}{state}\n"
+                        f"{_iso(None if r.source == 'settings' else r.created_at):<22}{state}\n"
                     )
         elif args.action in {"add", "rotate"}:
             token, record = make_token(args.business, "cli", now)

@@ -11,11 +11,11 @@
   before the client sends the body, and closes the connection, instead of aiohttp's default
   ``100 Continue``.
 
-The monitoring routes (``/healthz``, ``/readyz``, ``/health``, ``/metrics``, ``/``) are exempt:
-they carry no secrets and monitors call them from elsewhere. Every other route, including ones
-added later, is guarded. Each refusal is counted in ``relay_rejected_total{reason}``; a 403 logs
-one line, a rate-limited source logs one line when it starts being limited (a flood must not
-become a flood of log lines).
+The monitoring routes (``/healthz``, ``/readyz``, ``/health``, ``/metrics``, ``/``) and the
+consumer contract (``/asyncapi.yaml``) are exempt: they carry no secrets and monitors call them
+from elsewhere. Every other route, including ones added later, is guarded. Each refusal is
+counted in ``relay_rejected_total{reason}``; a 403 logs one line, a rate-limited source logs one
+line when it starts being limited (a flood must not become a flood of log lines).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from relay.settings import HttpSettings
 
 log = structlog.get_logger("relay.access")
 
-MONITORING_PATHS = frozenset({"/", "/healthz", "/readyz", "/health", "/metrics"})
+MONITORING_PATHS = frozenset({"/", "/healthz", "/readyz", "/health", "/metrics", "/asyncapi.yaml"})
 _CACHE_LIMIT = 4096
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -20,6 +20,7 @@ from relay.dedup.memory import DedupStore, MemoryDedupStore
 from relay.dedup.redis import RedisDedupStore, connect, redis_address
 from relay.http.access import Access
 from relay.http.auth import TokenAuthenticator
+from relay.http.contract import Contract
 from relay.http.health import Health
 from relay.http.status import StatusPage
 from relay.ingest import Ingest, error_response
@@ -173,7 +174,8 @@ def make_app(
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics_handler)
-    app.router.add_get("/", StatusPage().handler)
+    app.router.add_get("/", StatusPage(health.details).handler)
+    app.router.add_get("/asyncapi.yaml", Contract().handler)
 
     _watch_core(app)
     _spool_metrics(metrics, spool, forwarder)
@@ -359,6 +361,7 @@ def _add_flows(app: web.Application, clock: Callable[[], float]) -> None:
         ),
         ingest.authenticator,
         clock=clock,
+        configured=len(settings.auth.tokens),
     )
     app[TOKENS] = registry
     health.add_check(

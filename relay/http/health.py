@@ -16,7 +16,7 @@ from aiohttp import web
 
 from relay import __version__
 from relay.ingest import json_response
-from relay.metrics import CONTENT_TYPE, Metrics
+from relay.metrics import CHART_OUTCOMES, CONTENT_TYPE, Metrics
 
 Check = Callable[[], str | None]
 
@@ -72,7 +72,10 @@ class Health:
 
     def details(self) -> dict[str, Any]:
         """Everything ``/health`` shows. ``events_per_minute``: events published in the last
-        60 seconds, by event; ``uptime_seconds``: seconds since start."""
+        60 seconds, by event; ``outcomes_per_minute``: webhook answers in each UTC minute of
+        the last hour by outcome (``accepted``, ``duplicate``, ``spooled``, ``rejected``: every
+        4xx), oldest first, ``start`` the first minute's Unix time; ``uptime_seconds``: seconds
+        since start."""
         ready, checks = self.readiness()
         m = self.metrics
         now = time.time()
@@ -89,6 +92,7 @@ class Health:
             },
             "last_event_at": {event: _iso(at) for event, at in sorted(m.last_event_at.items())},
             "events_per_minute": m.recent.counts(),
+            "outcomes_per_minute": m.per_minute.series(CHART_OUTCOMES),
         }
         for name, provider in self._details.items():
             result[name] = provider()

@@ -382,6 +382,8 @@ class TokenRegistry:
     authenticator: gains each registered token's digest, bound to its business and expiry.
     clock: wall-clock seconds (injectable for tests). poll_interval: seconds between version
     checks. ``loaded`` is set once the store was read; ``last_error`` says why it was not.
+    configured: how many tokens the settings hold (``auth.tokens``), for the ``tokens.loaded``
+    log line, which gives the count of each kind.
     """
 
     def __init__(
@@ -391,8 +393,10 @@ class TokenRegistry:
         *,
         clock: Callable[[], float] = time.time,
         poll_interval: float = POLL_INTERVAL,
+        configured: int = 0,
     ) -> None:
         self.store = store
+        self.configured = configured
         self.authenticator = authenticator
         self.clock = clock
         self.poll_interval = poll_interval
@@ -478,7 +482,12 @@ class TokenRegistry:
                 self.apply(records)
                 self._version = version
                 if not self.loaded.is_set():
-                    log.info("tokens.loaded", tokens=len(self._records))
+                    log.info(
+                        "tokens.loaded",
+                        settings=self.configured,
+                        registry=len(self._records),
+                        tokens=self.configured + len(self._records),
+                    )
                 self.loaded.set()
         except StoreUnavailable as exc:
             if str(exc) != self.last_error:
