@@ -132,6 +132,8 @@ def shown(value: Any, fmt: str | None) -> str:
         return "yes" if value else "no"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # JavaScript shows 86400.0 as 86400
+    if isinstance(value, list):
+        return ", ".join(map(str, value))  # the broker's nodes
     return str(value)
 
 

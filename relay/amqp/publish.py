@@ -249,6 +249,8 @@ class Publisher(SupervisedLink[_Link]):
         return {
             "connected": self.connected.is_set(),
             "address": self.address,
+            "nodes": self.nodes,
+            "failovers": self.failovers,
             "connected_since": self.connected_since,
             "reconnects": self.reconnects,
             "last_error": self.last_error or None,

@@ -24,14 +24,13 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from tqdm import tqdm
 
-from relay.amqp.publish import broker_address
+from relay.amqp.link import connect_first, nodes_text
 from relay.amqp.topology import exchanges_for_pattern
 from relay.settings import Settings
 
@@ -190,13 +189,9 @@ async def _tail(
     err: TextIO,
     stop: asyncio.Event,
 ) -> int:
-    address = broker_address(settings.amqp.url.value)
+    address = nodes_text(settings.amqp)
     try:
-        connection = await aio_pika.connect(
-            settings.amqp.url.value,
-            timeout=settings.amqp.connect_timeout,
-            client_properties={"connection_name": f"retm-relay tail {pattern}"},
-        )
+        connection, _ = await connect_first(settings.amqp, f"retm-relay tail {pattern}")
     except ProbableAuthenticationError:
         raise TailError(f"the broker at {address} refused the credentials of amqp.url") from None
     except (*CONNECTION_EXCEPTIONS, TimeoutError, OSError) as exc:
