@@ -226,6 +226,29 @@ def _is_blocked(connection: aiormq.abc.AbstractConnection) -> bool:
     return True
 
 
+#: the arguments of every queue the relay itself declares (``retm.unrouted``, and any other of
+#: its own queues): a quorum queue, replicated to a majority of a cluster's nodes, so that it
+#: stays usable when one node dies; on a single node it works the same
+RELAY_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+#: what a relay queue mismatch says besides the broker's reply (a classic queue of an older
+#: version: the migration is in docs/several-machines.md)
+MIGRATE_HINT = (
+    "a classic queue of an earlier relay version must be migrated to a quorum queue "
+    "(docs/several-machines.md, 'Migrating retm.unrouted to a quorum queue')"
+)
+
+
+async def declare_relay_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str, exchange: aio_pika.abc.AbstractExchange
+) -> aio_pika.abc.AbstractQueue:
+    """Declare one of the relay's own queues, durable with ``RELAY_QUEUE_ARGUMENTS``, and bind
+    it to ``exchange`` (a fanout: no routing key). Raises ChannelPreconditionFailed when a
+    queue of that name exists with other arguments (such as a classic queue)."""
+    queue = await channel.declare_queue(name, durable=True, arguments=RELAY_QUEUE_ARGUMENTS)
+    await queue.bind(exchange)
+    return queue
+
+
 class Publisher(SupervisedLink[_Link]):
     """Owns the broker link; publishes envelopes with confirms.
 
@@ -293,7 +316,8 @@ class Publisher(SupervisedLink[_Link]):
 
     async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Declare (or, with ``amqp.passive``, only check) the event exchanges, durable topic;
-        and the unrouted exchange (fanout) with its durable queue of the same name.
+        and the unrouted exchange (fanout) with its quorum queue of the same name
+        (``declare_relay_queue``).
 
         Raises TopologyError naming the entity when it exists with another type or arguments,
         or is missing in passive mode. The channel is closed by the broker in that case.
@@ -317,12 +341,12 @@ class Publisher(SupervisedLink[_Link]):
                     s.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
                 )
                 entity = f"queue {s.unrouted_exchange!r}"
-                queue = await channel.declare_queue(s.unrouted_exchange, durable=True)
-                await queue.bind(unrouted)
+                await declare_relay_queue(channel, s.unrouted_exchange, unrouted)
         except ChannelPreconditionFailed as exc:
+            hint = f"; {MIGRATE_HINT}" if entity.startswith("queue") else ""
             raise TopologyError(
                 f"{entity} exists on the broker with another type or arguments: "
-                f"{_reply_text(exc)}. Delete it, or point the relay at another name."
+                f"{_reply_text(exc)}. Delete it, or point the relay at another name{hint}."
             ) from None
         except ChannelNotFoundEntity as exc:
             raise TopologyError(

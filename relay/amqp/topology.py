@@ -28,7 +28,7 @@ from aiormq.exceptions import (
 from pamqp.common import FieldTable
 
 from relay.amqp.link import connect_first, nodes_text
-from relay.amqp.publish import Publisher
+from relay.amqp.publish import RELAY_QUEUE_ARGUMENTS, Publisher
 from relay.errors import TopologyError
 from relay.metrics import Metrics
 from relay.routing import Router
@@ -219,7 +219,7 @@ async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) 
         Row(
             "queue",
             amqp.unrouted_exchange,
-            "durable",
+            "exists" if amqp.passive else RELAY_QUEUE_ARGUMENTS["x-queue-type"],
             result.message_count,
             result.consumer_count,
             f"bound to {amqp.unrouted_exchange}",
