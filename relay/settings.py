@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from relay.errors import ConfigError
+from relay.redis_url import RedisUrlError, parse_redis_url
 
 DEFAULT_CONFIG_PATH = Path("/etc/retm-relay/relay.toml")
 ENV_PREFIX = "RELAY_"
@@ -627,11 +628,10 @@ def validate(s: Settings) -> None:
 
     _check(s.dedup.ttl > 0, "dedup.ttl", "must be positive")
     _check(s.dedup.max_entries >= 1, "dedup.max_entries", "must be at least 1")
-    _check(
-        urlsplit(s.dedup.redis_url.value).scheme in {"redis", "rediss", "unix"},
-        "dedup.redis_url",
-        "must start with redis://, rediss:// or unix://",
-    )
+    try:
+        parse_redis_url(s.dedup.redis_url.value)
+    except RedisUrlError as exc:
+        raise ConfigError("dedup.redis_url", str(exc)) from None
     _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
     _check(
         0 < len(s.dedup.redis_prefix) <= 100 and not any(c.isspace() for c in s.dedup.redis_prefix),
