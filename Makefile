@@ -43,8 +43,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The multi-node tests (mark "cluster": a RabbitMQ cluster, Redis Sentinel and Cluster of their
+# own, a few minutes) run on their own after the rest.
 test: lint services browser tools
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not cluster"
+	$(BIN)/pytest -m cluster
 
 # The benchmark of issue 5 (bench/run.py): a few minutes; BENCH_ARGS="--quick" for a smoke run,
 # "--profile" to sample the relay with py-spy as well (installed into .venv then).
