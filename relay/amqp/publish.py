@@ -71,6 +71,12 @@ log = structlog.get_logger("relay.publish")
 APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
+#: publishes nacked in a row, none acked, after which the link is reset. A channel that opened
+#: while a quorum queue's leader had just died (a node killed) can go on nacking every publish
+#: to that queue although the queue has a new leader (RabbitMQ 3.10); a new channel publishes
+#: fine. A queue that is full with ``overflow = reject-publish`` also nacks in a row: resetting
+#: then costs a reconnect, and the events wait in the spool as they would anyway.
+NACKS_BEFORE_RESET = 32
 #: seconds without any answer to an outstanding publish after which the link is suspect:
 #: new events go to the spool instead of joining the queue of unanswered publishes
 SUSPECT_AFTER = 0.25
@@ -163,6 +169,8 @@ class _Link(Link):
     #: confirmations on this link still to come -> loop time their publish was sent
     inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
     transport: _RecordingTransport | None = None
+    #: publishes nacked since the last one acked or returned on this link
+    nacked_in_a_row: int = 0
 
     def settled(self, confirmation: asyncio.Future[Any]) -> None:
         """A confirmation settled: forget it; any answer of the broker (ack, nack, return)
@@ -172,6 +180,10 @@ class _Link(Link):
             error = confirmation.exception()
             if error is None or isinstance(error, PublishError | DeliveryError):
                 self.last_reply = asyncio.get_running_loop().time()
+                if isinstance(error, DeliveryError):
+                    self.nacked_in_a_row += 1
+                else:
+                    self.nacked_in_a_row = 0
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -439,6 +451,9 @@ class Publisher(SupervisedLink[_Link]):
                         "returned", f"no queue bound to {self.settings.unrouted_exchange!r}"
                     ) from None
         except DeliveryError:
+            if link.nacked_in_a_row >= NACKS_BEFORE_RESET and not link.closed.is_set():
+                log.warning("broker.nacking", broker=self.address, nacked=link.nacked_in_a_row)
+                link.mark_closed(f"{link.nacked_in_a_row} publishes nacked in a row")
             raise BrokerUnavailable("nacked", "the broker refused the message") from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable("channel_closed", describe(exc)) from None
