@@ -342,7 +342,7 @@ async def start_sentinel_set(base: Path) -> SentinelSet:
         base / "replica",
         _server_args(replica_port, base / "replica", "--replicaof", "127.0.0.1", str(master_port)),
     )
-    sentinels = []
+    sentinels: list[RedisServer] = []
     result = SentinelSet(master, replica, sentinels, base)
     try:
         for server in (master, replica):

@@ -12,6 +12,7 @@ whenever the answer is not a 2xx (or there is none), until it is one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -312,7 +313,7 @@ async def test_two_relays_share_dedup_across_a_redis_cluster(
 
     try:
         for relay in relays:
-            await wait_for(lambda r=relay: ready(r), timeout=30, what="readiness")
+            await wait_for(functools.partial(ready, relay), timeout=30, what="readiness")
         async with aiohttp.ClientSession() as session:
             pairs = await asyncio.gather(
                 *(
