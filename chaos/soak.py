@@ -327,17 +327,24 @@ async def wait_drained(url: str, timeout: float) -> bool:
 
 
 async def consume_all(url: str, queue_name: str) -> list[tuple[str, bytes]]:
-    """Every message on the queue as (message_id, body)."""
+    """Every message on the queue as (message_id, body): a consumer (prefetch 1000) until the
+    count the queue had, then until nothing more came for 3 s (a consumer, not basic.get one
+    at a time, which takes minutes on a quorum queue)."""
     messages: list[tuple[str, bytes]] = []
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.get_queue(queue_name)
-        while True:
-            message = await queue.get(fail=False, no_ack=True)
-            if message is None:
-                break
-            messages.append((message.message_id or "", message.body))
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        expected = queue.declaration_result.message_count or 0
+        async with queue.iterator(no_ack=True) as it:
+            while True:
+                try:
+                    async with asyncio.timeout(30 if len(messages) < expected else 3):
+                        message = await it.__anext__()
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                messages.append((message.message_id or "", message.body))
     return messages
 
 
