@@ -793,8 +793,9 @@ def _validate_http_security(h: HttpSettings) -> None:
 def _mask_url(value: str) -> str:
     """A URL with its password masked (``amqp://guest:********@host/``), each URL of a
     comma-separated list alike; other secrets fully."""
-    if "," in value and "://" in value:
-        return ",".join(_mask_url(part) for part in split_urls(value))
+    parts_of_list = split_urls(value)
+    if len(parts_of_list) > 1 and all("://" in part for part in parts_of_list):
+        return ",".join(_mask_url(part) for part in parts_of_list)
     parts = urlsplit(value)
     if not parts.scheme or "://" not in value:
         return "********"
