@@ -59,6 +59,8 @@ bench: $(STAMP)
 
 # The chaos soak (chaos/soak.py): 20,000 RETM-like events while the broker link is cut and
 # stalled and the relay is killed with SIGKILL and restarted; prints the loss table.
+# CHAOS_ARGS=--cluster: against a 3-node RabbitMQ cluster and a Redis Sentinel set of its own,
+# with node kills and Sentinel failovers as well (docs/several-machines.md).
 chaos: $(STAMP) services
 	$(BIN)/python -m chaos.soak $(CHAOS_ARGS)
 
