@@ -48,6 +48,8 @@ ensure_rabbitmq() {
 ensure_redis() {
   answers 6379 && return 0
   command -v redis-server >/dev/null 2>&1 || install_package redis-server
+  # redis-cli: the cluster tests create a Redis Cluster and ask sentinels with it
+  command -v redis-cli >/dev/null 2>&1 || install_package redis-tools
   if ! answers 6379; then
     echo "ensure-services: starting Redis" >&2
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
