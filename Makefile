@@ -54,8 +54,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The multi-node tests (mark "cluster": a RabbitMQ cluster, Redis Sentinel and Cluster of their
+# own, a few minutes) run on their own after the rest.
 test: lint services browser tools node
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not cluster"
+	$(BIN)/pytest -m cluster
 
 # The benchmark of issue 5 (bench/run.py): a few minutes; BENCH_ARGS="--quick" for a smoke run,
 # "--profile" to sample the relay with py-spy as well (installed into .venv then).
@@ -67,6 +70,8 @@ bench: $(STAMP)
 
 # The chaos soak (chaos/soak.py): 20,000 RETM-like events while the broker link is cut and
 # stalled and the relay is killed with SIGKILL and restarted; prints the loss table.
+# CHAOS_ARGS=--cluster: against a 3-node RabbitMQ cluster and a Redis Sentinel set of its own,
+# with node kills and Sentinel failovers as well (docs/several-machines.md).
 chaos: $(STAMP) services
 	$(BIN)/python -m chaos.soak $(CHAOS_ARGS)
 

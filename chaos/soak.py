@@ -11,6 +11,16 @@ prints a table: events sent, events answered 2xx, events on the queue, lost (2xx
 queue: must be 0), duplicates by message_id, answers slower than 10 s (must be 0), and the
 spool's peak depth. Exit 0 only when nothing was lost and no answer took 10 s.
 
+With ``--cluster`` the broker is a three-node RabbitMQ cluster of the soak's own (one proxy in
+front of each node, ``amqp.url`` listing the three) with a quorum queue, and the dedup store is
+a Redis Sentinel set of its own (master, replica, three sentinels); besides the faults above the
+soak ``kill -9``s the node the relay is connected to (and restarts it) and kills the Redis
+master (the sentinels promote the replica; the old master comes back as a replica). The table
+then also counts the relay's failovers to another node.
+
+The verdict checks every target: nothing lost, no answer slower than 10 s, at most 0.1 %
+duplicates, the spool drained.
+
 Everything it creates has unique names (``chaos.<hex>.*``) and is deleted afterwards; it only
 talks to 127.0.0.1.
 """
@@ -35,6 +45,12 @@ import aio_pika
 import aiohttp
 import orjson
 
+from tests.engines import (
+    RabbitCluster,
+    SentinelSet,
+    start_rabbit_cluster,
+    start_sentinel_set,
+)
 from tests.proxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +59,7 @@ RETM_TIMEOUT = 10.0
 RETRIES = 3
 RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each retry (RETM does not document its own)
 RESTART_DELAY = 1.0  # seconds between a SIGKILL and the restart (systemd RestartSec)
+MAX_DUPLICATES = 0.001  # the target: at most 0.1 % of the events on the queue twice
 
 
 @dataclass
@@ -166,15 +183,80 @@ async def _later(due: float, coro: object) -> None:
     await coro  # type: ignore[misc]
 
 
+@dataclass
+class Cluster:
+    """The engines of ``--cluster``: the RabbitMQ cluster with one proxy per node (the relay
+    knows the nodes by their proxies), and the Sentinel set."""
+
+    rabbit: RabbitCluster
+    proxies: list[FaultProxy]
+    sentinels: SentinelSet
+    cookie: str = ""
+
+    def proxy_of(self, address: str) -> FaultProxy | None:
+        return next((p for p in self.proxies if p.url_host_port == address), None)
+
+
+async def connected_proxy(url: str, cluster: Cluster) -> FaultProxy | None:
+    """The proxy (node) the relay's publisher is connected to, from its /health."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+        async with (
+            aiohttp.ClientSession() as session,
+            asyncio.timeout(1),
+            session.get(url + "/health") as r,
+        ):
+            data = orjson.loads(await r.read())
+            return cluster.proxy_of(data["broker"]["address"])
+    return None
+
+
+async def kill_node(url: str, cluster: Cluster) -> str:
+    """kill -9 the RabbitMQ node the relay is on, wait 3 s, restart it and wait until it has
+    rejoined (so that the next node kill leaves a majority)."""
+    proxy = await connected_proxy(url, cluster)
+    index = cluster.proxies.index(proxy) if proxy is not None else 0
+    node = cluster.rabbit.nodes[index]
+    node.kill()
+    await asyncio.sleep(3)
+    await node.stop()
+    node.start(cluster.cookie)
+    await node.wait_started(timeout=180)
+    return node.name
+
+
+async def fail_over_redis(cluster: Cluster) -> None:
+    """kill -9 the Redis master, wait until the sentinels name another, restart the old one
+    (the sentinels make it a replica of the new master)."""
+    sentinels = cluster.sentinels
+    old = await sentinels.master_port()
+    server = next(s for s in (sentinels.master, sentinels.replica) if s.port == old)
+    server.kill()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if await sentinels.master_port() != old:
+                break
+        await asyncio.sleep(0.2)
+    await server.stop()
+    server.start()
+    await server.wait_started()
+
+
 async def faults(
-    proxy: FaultProxy,
+    proxy: FaultProxy | None,
     relay: RelayProcess,
     done: asyncio.Event,
     log: list[str],
     times: list[tuple[float, str]],
+    url: str = "",
+    cluster: Cluster | None = None,
 ) -> None:
-    """Cut, stall and kill in turn, every few seconds, until ``done``."""
+    """Cut, stall and kill in turn (with ``cluster`` also a node kill and a Redis failover),
+    every few seconds, until ``done``. ``proxy``: the one broker proxy; with a cluster the
+    proxy of the node the relay is on."""
     kinds = ["cut", "stall", "kill"]
+    if cluster is not None:
+        kinds = ["cut", "node kill", "stall", "redis failover", "kill"]
     i = 0
     while not done.is_set():
         with contextlib.suppress(TimeoutError):
@@ -185,20 +267,39 @@ async def faults(
         kind = kinds[i % len(kinds)]
         i += 1
         times.append((time.monotonic(), f"{kind} (start)"))
-        if kind == "cut":
-            proxy.cut()
+        target = proxy
+        if cluster is not None and kind in {"cut", "stall"}:
+            target = await connected_proxy(url, cluster)
+        if kind == "cut" and target is not None:
+            target.cut()
             await asyncio.sleep(random.uniform(1, 3))
-            proxy.restore()
-        elif kind == "stall":
-            proxy.stall()
+            target.restore()
+        elif kind == "stall" and target is not None:
+            target.stall()
             await asyncio.sleep(random.uniform(2, 6))
-            proxy.restore()
-        else:
+            target.restore()
+        elif kind == "node kill" and cluster is not None:
+            await kill_node(url, cluster)
+        elif kind == "redis failover" and cluster is not None:
+            await fail_over_redis(cluster)
+        elif kind == "kill":
             await relay.kill()
             await asyncio.sleep(RESTART_DELAY)
             await relay.start()
         log.append(kind)
         times.append((time.monotonic(), kind))
+
+
+def failovers_logged(log_path: Path) -> int:
+    """Broker links that came up on another node (``broker.connected`` with failover)."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for line in log_path.read_bytes().splitlines():
+            if b'"broker.connected"' in line and b'"failover": true' in line.replace(
+                b'"failover":true', b'"failover": true'
+            ):
+                count += 1
+    return count
 
 
 async def watch_spool(url: str, done: asyncio.Event, peak: list[int]) -> None:
@@ -226,42 +327,68 @@ async def wait_drained(url: str, timeout: float) -> bool:
 
 
 async def consume_all(url: str, queue_name: str) -> list[tuple[str, bytes]]:
-    """Every message on the queue as (message_id, body)."""
+    """Every message on the queue as (message_id, body): a consumer (prefetch 1000) until the
+    count the queue had, then until nothing more came for 3 s (a consumer, not basic.get one
+    at a time, which takes minutes on a quorum queue)."""
     messages: list[tuple[str, bytes]] = []
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.get_queue(queue_name)
-        while True:
-            message = await queue.get(fail=False, no_ack=True)
-            if message is None:
-                break
-            messages.append((message.message_id or "", message.body))
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        expected = queue.declaration_result.message_count or 0
+        async with queue.iterator(no_ack=True) as it:
+            while True:
+                try:
+                    async with asyncio.timeout(30 if len(messages) < expected else 3):
+                        message = await it.__anext__()
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                messages.append((message.message_id or "", message.body))
     return messages
 
 
-async def main(count: int, rate: float, amqp_url: str) -> int:
+async def main(count: int, rate: float, amqp_url: str, with_cluster: bool = False) -> int:
     run = f"chaos.{uuid.uuid4().hex[:8]}"
     exchange, unrouted, queue_name = f"{run}.events", f"{run}.unrouted", f"{run}.all"
-    broker_port = int(amqp_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
-    proxy = await FaultProxy(broker_port).start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     state = Path(tempfile.mkdtemp(prefix="relay-chaos-"))
+    cluster: Cluster | None = None
+    proxy: FaultProxy | None = None
+    if with_cluster:
+        print("chaos: starting a 3-node RabbitMQ cluster and a Redis Sentinel set")
+        rabbit = await start_rabbit_cluster(state / "rabbit")
+        cookie = (rabbit.nodes[0].home / ".erlang.cookie").read_text()
+        proxies = [await FaultProxy(node.port).start() for node in rabbit.nodes]
+        sentinels = await start_sentinel_set(state / "redis")
+        cluster = Cluster(rabbit, proxies, sentinels, cookie)
+        amqp_url = rabbit.urls[0]
+        relay_amqp = ",".join(f"amqp://guest:guest@127.0.0.1:{p.port}/" for p in cluster.proxies)
+    else:
+        broker_port = int(amqp_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+        proxy = await FaultProxy(broker_port).start()
+        relay_amqp = amqp_url.replace(f":{broker_port}", f":{proxy.port}")
     environ = {
         "RELAY_HTTP_PORT": str(port),
         "RELAY_AUTH_TOKENS": TOKEN,
-        "RELAY_AMQP_URL": amqp_url.replace(f":{broker_port}", f":{proxy.port}"),
+        "RELAY_AMQP_URL": relay_amqp,
         "RELAY_AMQP_EXCHANGE": exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": unrouted,
         "RELAY_STATE_DIR": str(state),
         "RELAY_LOG_LEVEL": "info",
         "RELAY_LOG_FORMAT": "json",
     }
+    if cluster is not None:
+        environ["RELAY_DEDUP_BACKEND"] = "redis"
+        environ["RELAY_DEDUP_REDIS_URL"] = cluster.sentinels.url
+        environ["RELAY_DEDUP_REDIS_PREFIX"] = f"{run}:"
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(queue_name, durable=True)
+    queue = await channel.declare_queue(
+        queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+    )
     await queue.bind(ex, "#")
     relay = RelayProcess(environ, state / "relay.log")
     tally = Tally()
@@ -272,22 +399,27 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
     started = time.monotonic()
     print(
         f"chaos: {count} events at {rate:g}/s to {url}, faults every 4-8 s; log {state}/relay.log"
+        + (" (cluster)" if cluster else "")
     )
     try:
         await relay.start()
         await wait_drained(url, 30)
         background = [
-            asyncio.ensure_future(faults(proxy, relay, done, fault_log, fault_times)),
+            asyncio.ensure_future(faults(proxy, relay, done, fault_log, fault_times, url, cluster)),
             asyncio.ensure_future(watch_spool(url, done, peak)),
         ]
         await sender(url + "/retm/events", run, count, rate, tally)
         done.set()
         await asyncio.gather(*background)
-        proxy.restore()
+        for p in [proxy] if cluster is None else cluster.proxies:
+            if p is not None:
+                p.restore()
         if relay.process is None or relay.process.returncode is not None:
             await relay.start()
         drained = await wait_drained(url, 120)
         code = await relay.stop()
+        if cluster is not None:  # a node that answers (the first may have been restarted)
+            amqp_url = next(n.url for n in cluster.rabbit.nodes if n.running)
         messages = await consume_all(amqp_url, queue_name)
     finally:
         with contextlib.suppress(Exception):
@@ -295,10 +427,18 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
             await channel.queue_delete(unrouted)
             await channel.exchange_delete(exchange)
             await channel.exchange_delete(unrouted)
-        await connection.close()
+        with contextlib.suppress(Exception):
+            await connection.close()
         await relay.kill()
-        await proxy.close()
+        if proxy is not None:
+            await proxy.close()
+        if cluster is not None:
+            for p in cluster.proxies:
+                await p.close()
+            await cluster.rabbit.close()
+            await cluster.sentinels.close()
     elapsed = time.monotonic() - started
+    failovers = failovers_logged(state / "relay.log")
 
     refs = [orjson.loads(body)["n"] for _, body in messages]
     on_queue = set(refs)
@@ -318,7 +458,9 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
         ("answers", ", ".join(f"{k}: {v}" for k, v in sorted(tally.answers.items()))),
         ("events given up after 3 retries", f"{tally.gave_up}"),
         ("on the queue but never 2xx", f"{len(on_queue - tally.ok)}"),
-        ("faults", f"{fault_log.count('cut')} cuts, {fault_log.count('stall')} stalls, {relay.kills} kill -9 + restart"),  # noqa: E501
+        ("faults", f"{fault_log.count('cut')} cuts, {fault_log.count('stall')} stalls, {relay.kills} kill -9 + restart"  # noqa: E501
+            + (f", {fault_log.count('node kill')} node kill -9 + restart, {fault_log.count('redis failover')} Sentinel failovers" if cluster else "")),  # noqa: E501
+        ("failovers to another node", f"{failovers}"),
         ("spool drained at the end", "yes" if drained else "NO"),
         ("relay exit after SIGTERM", f"{code}"),
         ("duration", f"{elapsed:.0f} s"),
@@ -336,8 +478,21 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
     print(f"| {'':<{width}} | result |\n| {'-' * width} | ------ |")
     for key, value in rows:
         print(f"| {key:<{width}} | {value} |")
-    ok = not lost and tally.slow == 0 and drained
-    print("chaos: PASS" if ok else "chaos: FAIL")
+    verdict = {
+        "0 lost": not lost,
+        "no answer slower than 10 s": tally.slow == 0,
+        f"at most {100 * MAX_DUPLICATES:g} % duplicates": duplicates
+        <= MAX_DUPLICATES * max(1, len(on_queue)),
+        "spool drained": drained,
+    }
+    ok = all(verdict.values())
+    print(
+        "chaos: "
+        + ("PASS" if ok else "FAIL")
+        + " ("
+        + "; ".join(f"{target}: {'yes' if met else 'NO'}" for target, met in verdict.items())
+        + ")"
+    )
     return 0 if ok else 1
 
 
@@ -349,5 +504,11 @@ if __name__ == "__main__":
         "--amqp-url",
         default=os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="against a 3-node RabbitMQ cluster and a Redis Sentinel set of the soak's own, "
+        "with node kills and Sentinel failovers besides the other faults",
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.events, args.rate, args.amqp_url)))
+    sys.exit(asyncio.run(main(args.events, args.rate, args.amqp_url, args.cluster)))

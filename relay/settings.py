@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from relay.errors import ConfigError
+from relay.redis_url import RedisUrlError, parse_redis_url
 
 DEFAULT_CONFIG_PATH = Path("/etc/retm-relay/relay.toml")
 ENV_PREFIX = "RELAY_"
@@ -101,9 +102,12 @@ class AuthSettings:
 class AmqpSettings:
     """The broker link and the topology the relay publishes to.
 
-    ``exchanges`` maps an event family (the routing key's first word, ``order``) to its own
-    exchange; other events go to ``exchange``. ``passive`` only checks that the exchanges and the
-    unrouted queue exist, for a broker user without the configure permission. Times in seconds.
+    ``url`` names one broker node, or the nodes of a RabbitMQ cluster in the order the links
+    try them (a TOML array, or comma-separated in ``RELAY_AMQP_URL``; kept as one masked
+    secret, ``urls()`` splits it). ``exchanges`` maps an event family (the routing key's first
+    word, ``order``) to its own exchange; other events go to ``exchange``. ``passive`` only
+    checks that the exchanges and the unrouted queue exist, for a broker user without the
+    configure permission. Times in seconds.
     """
 
     url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
@@ -115,6 +119,16 @@ class AmqpSettings:
     connect_timeout: float = 5.0
     heartbeat: int = 10
     passive: bool = False
+
+    def urls(self) -> tuple[str, ...]:
+        """The broker nodes' URLs, in the configured order (at least one after validation)."""
+        return split_urls(self.url.value)
+
+
+def split_urls(value: str) -> tuple[str, ...]:
+    """The URLs of a comma-separated list (spaces and empty parts dropped). A comma inside a
+    password must be written ``%2C``."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +377,10 @@ def _check_environ(environ: Mapping[str, str]) -> None:
 
 
 def _from_toml(key: str, tp: Any, value: Any) -> Any:
+    if key == "amqp.url" and isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(key, "must be a URL or a non-empty list of URLs")
+        return Secret(",".join(v.strip() for v in value))
     if tp is Secret or _is_optional_of(tp, Secret):
         if not isinstance(value, str):
             raise ConfigError(key, "must be a string")
@@ -579,9 +597,7 @@ def validate(s: Settings) -> None:
             "a business must be 1-64 characters of letters, digits, '_', '.', '-'",
         )
 
-    url = urlsplit(s.amqp.url.value)
-    _check(url.scheme in {"amqp", "amqps"}, "amqp.url", "must start with amqp:// or amqps://")
-    _check(bool(url.hostname), "amqp.url", "must name a host")
+    _validate_amqp_urls(s.amqp)
     for key, name in (
         ("amqp.exchange", s.amqp.exchange),
         ("amqp.unrouted_exchange", s.amqp.unrouted_exchange),
@@ -614,11 +630,10 @@ def validate(s: Settings) -> None:
 
     _check(s.dedup.ttl > 0, "dedup.ttl", "must be positive")
     _check(s.dedup.max_entries >= 1, "dedup.max_entries", "must be at least 1")
-    _check(
-        urlsplit(s.dedup.redis_url.value).scheme in {"redis", "rediss", "unix"},
-        "dedup.redis_url",
-        "must start with redis://, rediss:// or unix://",
-    )
+    try:
+        parse_redis_url(s.dedup.redis_url.value)
+    except RedisUrlError as exc:
+        raise ConfigError("dedup.redis_url", str(exc)) from None
     _check(bool(s.dedup.key_fields), "dedup.key_fields", "must name at least one field")
     _check(
         0 < len(s.dedup.redis_prefix) <= 100 and not any(c.isspace() for c in s.dedup.redis_prefix),
@@ -639,6 +654,30 @@ def validate(s: Settings) -> None:
     _check(s.spool.max_events >= 1, "spool.max_events", "must be at least 1")
     _validate_flows(s)
     _validate_consumers(s)
+
+
+def _validate_amqp_urls(amqp: AmqpSettings) -> None:
+    """Each node of ``amqp.url``: amqp:// or amqps://, a host, a valid port; no node twice.
+    The message names the node by position (``node 2``), never its credentials."""
+    urls = amqp.urls()
+    _check(bool(urls), "amqp.url", "must name at least one broker node")
+    seen: set[tuple[str, int, str]] = set()
+    for n, value in enumerate(urls, 1):
+        which = "" if len(urls) == 1 else f"node {n} of the list: "
+        url = urlsplit(value)
+        _check(
+            url.scheme in {"amqp", "amqps"},
+            "amqp.url",
+            f"{which}must start with amqp:// or amqps://",
+        )
+        _check(bool(url.hostname), "amqp.url", f"{which}must name a host")
+        try:
+            port = url.port or (5671 if url.scheme == "amqps" else 5672)
+        except ValueError:
+            raise ConfigError("amqp.url", f"{which}has an invalid port") from None
+        node = (url.hostname or "", port, url.path)
+        _check(node not in seen, "amqp.url", f"{which}names the same node as an earlier one")
+        seen.add(node)
 
 
 _PATTERN_RE = re.compile(r"(?:[a-z0-9_-]+|\*|#)(?:\.(?:[a-z0-9_-]+|\*|#))*")
@@ -754,7 +793,11 @@ def _validate_http_security(h: HttpSettings) -> None:
 
 
 def _mask_url(value: str) -> str:
-    """A URL with its password masked (``amqp://guest:********@host/``); other secrets fully."""
+    """A URL with its password masked (``amqp://guest:********@host/``), each URL of a
+    comma-separated list alike; other secrets fully."""
+    parts_of_list = split_urls(value)
+    if len(parts_of_list) > 1 and all("://" in part for part in parts_of_list):
+        return ",".join(_mask_url(part) for part in parts_of_list)
     parts = urlsplit(value)
     if not parts.scheme or "://" not in value:
         return "********"

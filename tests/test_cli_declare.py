@@ -60,7 +60,7 @@ async def test_declare_creates_everything_and_prints_what_exists(
     assert table(result.stdout) == [
         ["exchange", x, "topic", "-", "-", "events"],
         ["exchange", names.unrouted, "fanout", "-", "-", "events no queue was bound for"],
-        ["queue", names.unrouted, "durable", "0", "0", f"bound to {names.unrouted}"],
+        ["queue", names.unrouted, "quorum", "0", "0", f"bound to {names.unrouted}"],
         ["exchange", dlx, "direct", "-", "-", "dead letters of the queues below"],
         [
             "queue",
@@ -143,6 +143,47 @@ async def test_declare_fails_on_a_queue_with_other_arguments(
         f"retm-relay declare: queue '{erp}' exists on the broker with other arguments ("
     )
     assert "delete it or rename it in consumers.queues" in result.stderr
+
+
+async def test_the_unrouted_queue_is_a_quorum_queue(
+    env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """declare makes the unrouted queue a quorum queue: declaring it again as one changes
+    nothing, declaring it as a classic queue is refused by the broker."""
+    result = await run_cli("declare", env=env)
+    assert broker.channel is not None
+    again = await broker.channel.declare_queue(
+        names.unrouted, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+
+    assert result.code == 0, result
+    assert again.declaration_result.message_count == 0
+    with pytest.raises(ChannelPreconditionFailed):
+        await broker.channel.declare_queue(
+            names.unrouted, durable=True, arguments={"x-queue-type": "classic"}
+        )
+    broker.channel = await broker.connection.channel()
+
+
+async def test_a_classic_unrouted_queue_stops_the_start_with_the_migration_hint(
+    env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """An unrouted queue left classic by an earlier version: declare (as the relay's start)
+    exits 1 naming the queue and where its migration to a quorum queue is described."""
+    assert broker.channel is not None
+    await broker.channel.declare_queue(names.unrouted, durable=True)
+
+    result = await run_cli("declare", env=env)
+
+    assert result.code == 1
+    assert result.stderr.startswith(
+        f"retm-relay declare: queue '{names.unrouted}' exists on the broker with another type "
+        "or arguments: "
+    )
+    assert (
+        "a classic queue of an earlier relay version must be migrated to a quorum queue "
+        "(docs/several-machines.md, 'Migrating retm.unrouted to a quorum queue')."
+    ) in result.stderr
 
 
 async def test_declare_passive_fails_when_queues_are_missing(

@@ -152,6 +152,8 @@ def shown(value: Any, fmt: str | None) -> str:
         value = int(value)
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # the broker's nodes
     return str(value)
 
 

@@ -32,8 +32,9 @@ install_package() {  # install_package PACKAGE
 }
 
 ensure_rabbitmq() {
-  answers 5672 && return 0
+  # the binaries also for the cluster tests' own nodes, even when a broker answers already
   command -v rabbitmq-server >/dev/null 2>&1 || install_package rabbitmq-server
+  answers 5672 && return 0
   # The Debian package may have started it already.
   if ! answers 5672; then
     echo "ensure-services: starting RabbitMQ (rabbitmq-server -detached)" >&2
@@ -46,8 +47,10 @@ ensure_rabbitmq() {
 }
 
 ensure_redis() {
-  answers 6379 && return 0
+  # redis-server and redis-cli also for the cluster tests' own Sentinel sets and Redis Clusters
   command -v redis-server >/dev/null 2>&1 || install_package redis-server
+  command -v redis-cli >/dev/null 2>&1 || install_package redis-tools
+  answers 6379 && return 0
   if ! answers 6379; then
     echo "ensure-services: starting Redis" >&2
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no

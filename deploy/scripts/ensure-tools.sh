@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Make the checkers of the deployment kit available to the tests: promtool (Debian package
 # prometheus) checks and unit-tests the alert rules, nginx (Debian package nginx) checks and runs
-# the TLS-termination example.
+# the TLS-termination example, haproxy (Debian package haproxy) checks the load-balancer example
+# for several relays (its libraries liblua5.3-0, libopentracing-c-wrapper0 and libopentracing1
+# are unpacked with it when missing; the tests run it with DIR/usr/lib/<arch> on the library
+# path).
 #
 # A tool already on PATH is used as it is. Otherwise the Debian package is fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` into DIR (default .venv/tools), so nothing
@@ -43,3 +46,8 @@ unpack() {  # unpack PACKAGE: apt-get download it and extract it into DIR
 
 have promtool || unpack prometheus promtool
 have nginx || unpack nginx nginx
+if ! have haproxy; then
+  for package in haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1; do
+    unpack "$package" haproxy
+  done
+fi

@@ -9,6 +9,17 @@ reconnects with jittered exponential backoff (0.2 s doubling to 5 s). It logs ea
 state once (``<role>.connected``, ``<role>.disconnected``, ``<role>.unreachable``) and shows
 the state as ``connected``, ``last_error`` and ``address`` for /health and readiness.
 
+Several nodes (``amqp.url`` as a list: the nodes of a RabbitMQ cluster). aio-pika and aiormq
+connect to one URL only, so the link itself fails over: it starts with the first node of the
+list, and every failed attempt and every lost link moves it to the next node (round robin, the
+same jittered backoff between failed attempts; a lost link tries the next node at once). The
+configured order is kept rather than shuffled so that an operator decides where the links go
+first (the node nearest to the relay, or the one that leads the quorum queues); a link stays on
+the node it reached until that node fails, and then goes on to the *next* node rather than back
+to the first, because the one it lost is the one most likely still down. ``address`` is the
+node of the current link (the node being tried while there is none); ``failovers`` counts links
+that came up on another node than the link before them.
+
 The links are supervised here rather than by aio-pika's ``connect_robust``, because the relay's
 contract needs what a robust connection does not do:
 
@@ -92,22 +103,41 @@ class SupervisedLink(ABC, Generic[L]):
     A subclass sets up each new channel in ``_open`` (which builds its ``L``) and releases what
     waited on a dead link in ``_link_down``; ``_link`` is the current link, ``None`` while
     there is none. ``connected`` is set while a link is up; ``last_error`` says why there is
-    none (empty while connected); ``address`` is the broker's ``host:port[/vhost]``.
+    none (empty while connected); ``address`` is the ``host:port[/vhost]`` of the node it is
+    on (or trying); ``nodes`` every configured node's, in order; ``failovers`` how many links
+    came up on another node than the link before.
     """
 
     def __init__(self, settings: AmqpSettings, *, role: str, client_name: str) -> None:
         self.settings = settings
         self.connected = asyncio.Event()
-        self.address = broker_address(settings.url.value)
+        self._urls = [_url_with_heartbeat(url, settings.heartbeat) for url in settings.urls()]
+        self.nodes = [broker_address(url) for url in settings.urls()]
+        self._node = 0
+        self._last_node: int | None = None
+        self.failovers = 0
         self.last_error = ""
         self._role = role
         self._events = {event: f"{role}.{event}" for event in EVENTS}
         self._client_name = client_name
-        self._url = _url_with_heartbeat(settings.url.value, settings.heartbeat)
         self._link: L | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._first_attempt: asyncio.Future[None] | None = None
         self._closing = False
+
+    @property
+    def address(self) -> str:
+        """``host:port[/vhost]`` of the node the link is on, or trying (no credentials)."""
+        return self.nodes[self._node]
+
+    @property
+    def _url(self) -> URL:
+        """The URL of the node the link is on, or trying (with ``heartbeat``)."""
+        return self._urls[self._node]
+
+    def _next_node(self) -> None:
+        """Move on to the next node of the list (round robin; nothing with one node)."""
+        self._node = (self._node + 1) % len(self._urls)
 
     # -- for the owner ---------------------------------------------------------------------
 
@@ -142,7 +172,8 @@ class SupervisedLink(ABC, Generic[L]):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, wait: float | None = None) -> None:
-        """Connect (or start trying to). Returns after the first attempt, successful or not;
+        """Connect (or start trying to). Returns after the first attempt (with several nodes:
+        the first that succeeds, or one failed try of each), successful or not;
         raises TopologyError when ``_open`` found a mismatch at the first successful
         connection (the link then stops trying).
 
@@ -182,7 +213,8 @@ class SupervisedLink(ABC, Generic[L]):
     async def _supervise(self) -> None:
         delay = RECONNECT_MIN
         ever_connected = False
-        was_down_logged = False
+        down_logged: set[int] = set()  # nodes whose unreachability this outage has logged
+        failed = 0  # attempts failed in a row
         while not self._closing:
             try:
                 link = await self._connect()
@@ -198,26 +230,35 @@ class SupervisedLink(ABC, Generic[L]):
                 log.error(self._events["auth_failed"], broker=self.address)
             except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
                 self.last_error = describe(exc)
-                if not was_down_logged:
+                if self._node not in down_logged:
                     log.warning(
                         self._events["unreachable"], broker=self.address, error=self.last_error
                     )
-                    was_down_logged = True
+                    down_logged.add(self._node)
             else:
-                ever_connected, was_down_logged, delay = True, False, RECONNECT_MIN
+                ever_connected, delay, failed = True, RECONNECT_MIN, 0
+                down_logged.clear()
                 await self._run(link)
+                self._next_node()  # the node just lost is the one most likely still down
                 continue
-            self._settle_first_attempt(None)
+            self._next_node()
+            failed += 1
+            if failed >= len(self._urls):  # start() waits for one try of every node
+                self._settle_first_attempt(None)
             await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
             delay = min(delay * 2, RECONNECT_MAX)
 
     async def _run(self, link: L) -> None:
         """Hold ``link`` as the current link until it closes."""
+        failover = self._last_node is not None and self._last_node != self._node
+        if failover:
+            self.failovers += 1
+        self._last_node = self._node
         self._link = link
         self.connected.set()
         self.last_error = ""
         self._link_up()
-        log.info(self._events["connected"], broker=self.address)
+        log.info(self._events["connected"], broker=self.address, failover=failover)
         self._settle_first_attempt(None)
         try:
             await link.closed.wait()
@@ -260,6 +301,40 @@ class SupervisedLink(ABC, Generic[L]):
         connection.close_callbacks.add(on_close)
         channel.close_callbacks.add(on_close)
         return link
+
+
+async def connect_first(
+    settings: AmqpSettings, connection_name: str
+) -> tuple[aio_pika.abc.AbstractConnection, str]:
+    """A connection to the first node of ``amqp.url`` that answers, trying them in order (for
+    the one-shot commands ``declare`` and ``tail``), and that node's address.
+
+    Raises ProbableAuthenticationError when a node refused the credentials and none accepted
+    them, else the last node's connection error (or TimeoutError, after ``connect_timeout``
+    per node)."""
+    error: BaseException | None = None
+    for url in settings.urls():
+        try:
+            connection = await aio_pika.connect(
+                url,
+                timeout=settings.connect_timeout,
+                client_properties={"connection_name": connection_name},
+            )
+        except ProbableAuthenticationError as exc:
+            error = exc
+        except (*CONNECTION_EXCEPTIONS, TimeoutError, OSError) as exc:
+            if not isinstance(error, ProbableAuthenticationError):
+                error = exc
+        else:
+            return connection, broker_address(url)
+    assert error is not None  # settings name at least one node
+    raise error
+
+
+def nodes_text(settings: AmqpSettings) -> str:
+    """The nodes of ``amqp.url`` for a message: ``h1:5672`` or ``h1:5672, h2:5672 (each)``."""
+    nodes = [broker_address(url) for url in settings.urls()]
+    return nodes[0] if len(nodes) == 1 else ", ".join(nodes) + " (each)"
 
 
 def broker_address(url: str) -> str:

@@ -71,6 +71,12 @@ log = structlog.get_logger("relay.publish")
 APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
+#: publishes nacked in a row, none acked, after which the link is reset. A channel that opened
+#: while a quorum queue's leader had just died (a node killed) can go on nacking every publish
+#: to that queue although the queue has a new leader (RabbitMQ 3.10); a new channel publishes
+#: fine. A queue that is full with ``overflow = reject-publish`` also nacks in a row: resetting
+#: then costs a reconnect, and the events wait in the spool as they would anyway.
+NACKS_BEFORE_RESET = 32
 #: seconds without any answer to an outstanding publish after which the link is suspect:
 #: new events go to the spool instead of joining the queue of unanswered publishes
 SUSPECT_AFTER = 0.25
@@ -163,6 +169,8 @@ class _Link(Link):
     #: confirmations on this link still to come -> loop time their publish was sent
     inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
     transport: _RecordingTransport | None = None
+    #: publishes nacked since the last one acked or returned on this link
+    nacked_in_a_row: int = 0
 
     def settled(self, confirmation: asyncio.Future[Any]) -> None:
         """A confirmation settled: forget it; any answer of the broker (ack, nack, return)
@@ -172,6 +180,10 @@ class _Link(Link):
             error = confirmation.exception()
             if error is None or isinstance(error, PublishError | DeliveryError):
                 self.last_reply = asyncio.get_running_loop().time()
+                if isinstance(error, DeliveryError):
+                    self.nacked_in_a_row += 1
+                else:
+                    self.nacked_in_a_row = 0
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -226,6 +238,29 @@ def _is_blocked(connection: aiormq.abc.AbstractConnection) -> bool:
     return True
 
 
+#: the arguments of every queue the relay itself declares (``retm.unrouted``, and any other of
+#: its own queues): a quorum queue, replicated to a majority of a cluster's nodes, so that it
+#: stays usable when one node dies; on a single node it works the same
+RELAY_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+#: what a relay queue mismatch says besides the broker's reply (a classic queue of an older
+#: version: the migration is in docs/several-machines.md)
+MIGRATE_HINT = (
+    "a classic queue of an earlier relay version must be migrated to a quorum queue "
+    "(docs/several-machines.md, 'Migrating retm.unrouted to a quorum queue')"
+)
+
+
+async def declare_relay_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str, exchange: aio_pika.abc.AbstractExchange
+) -> aio_pika.abc.AbstractQueue:
+    """Declare one of the relay's own queues, durable with ``RELAY_QUEUE_ARGUMENTS``, and bind
+    it to ``exchange`` (a fanout: no routing key). Raises ChannelPreconditionFailed when a
+    queue of that name exists with other arguments (such as a classic queue)."""
+    queue = await channel.declare_queue(name, durable=True, arguments=RELAY_QUEUE_ARGUMENTS)
+    await queue.bind(exchange)
+    return queue
+
+
 class Publisher(SupervisedLink[_Link]):
     """Owns the broker link; publishes envelopes with confirms.
 
@@ -249,6 +284,8 @@ class Publisher(SupervisedLink[_Link]):
         return {
             "connected": self.connected.is_set(),
             "address": self.address,
+            "nodes": self.nodes,
+            "failovers": self.failovers,
             "connected_since": self.connected_since,
             "reconnects": self.reconnects,
             "last_error": self.last_error or None,
@@ -291,7 +328,8 @@ class Publisher(SupervisedLink[_Link]):
 
     async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Declare (or, with ``amqp.passive``, only check) the event exchanges, durable topic;
-        and the unrouted exchange (fanout) with its durable queue of the same name.
+        and the unrouted exchange (fanout) with its quorum queue of the same name
+        (``declare_relay_queue``).
 
         Raises TopologyError naming the entity when it exists with another type or arguments,
         or is missing in passive mode. The channel is closed by the broker in that case.
@@ -315,12 +353,12 @@ class Publisher(SupervisedLink[_Link]):
                     s.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
                 )
                 entity = f"queue {s.unrouted_exchange!r}"
-                queue = await channel.declare_queue(s.unrouted_exchange, durable=True)
-                await queue.bind(unrouted)
+                await declare_relay_queue(channel, s.unrouted_exchange, unrouted)
         except ChannelPreconditionFailed as exc:
+            hint = f"; {MIGRATE_HINT}" if entity.startswith("queue") else ""
             raise TopologyError(
                 f"{entity} exists on the broker with another type or arguments: "
-                f"{_reply_text(exc)}. Delete it, or point the relay at another name."
+                f"{_reply_text(exc)}. Delete it, or point the relay at another name{hint}."
             ) from None
         except ChannelNotFoundEntity as exc:
             raise TopologyError(
@@ -413,6 +451,9 @@ class Publisher(SupervisedLink[_Link]):
                         "returned", f"no queue bound to {self.settings.unrouted_exchange!r}"
                     ) from None
         except DeliveryError:
+            if link.nacked_in_a_row >= NACKS_BEFORE_RESET and not link.closed.is_set():
+                log.warning("broker.nacking", broker=self.address, nacked=link.nacked_in_a_row)
+                link.mark_closed(f"{link.nacked_in_a_row} publishes nacked in a row")
             raise BrokerUnavailable("nacked", "the broker refused the message") from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable("channel_closed", describe(exc)) from None

@@ -109,6 +109,8 @@ class RpcLink(SupervisedLink[_Link]):
         return {
             "connected": self.connected.is_set(),
             "address": self.address,
+            "nodes": self.nodes,
+            "failovers": self.failovers,
             "in_flight": len(self._pending),
             "late_replies": self.late_replies,
             "last_error": self.last_error or None,

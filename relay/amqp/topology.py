@@ -27,7 +27,8 @@ from aiormq.exceptions import (
 )
 from pamqp.common import FieldTable
 
-from relay.amqp.publish import Publisher, broker_address
+from relay.amqp.link import connect_first, nodes_text
+from relay.amqp.publish import RELAY_QUEUE_ARGUMENTS, Publisher
 from relay.errors import TopologyError
 from relay.metrics import Metrics
 from relay.routing import Router
@@ -218,7 +219,7 @@ async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) 
         Row(
             "queue",
             amqp.unrouted_exchange,
-            "durable",
+            "exists" if amqp.passive else RELAY_QUEUE_ARGUMENTS["x-queue-type"],
             result.message_count,
             result.consumer_count,
             f"bound to {amqp.unrouted_exchange}",
@@ -228,21 +229,17 @@ async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) 
 
 
 async def declare_all(settings: Settings) -> list[Row]:
-    """Connect to ``amqp.url``; declare (with ``amqp.passive``: only check) the relay's own
-    topology exactly as the relay does at start-up, then the consumer topology; return the rows
-    of what exists.
+    """Connect to the first node of ``amqp.url`` that answers; declare (with ``amqp.passive``:
+    only check) the relay's own topology exactly as the relay does at start-up, then the
+    consumer topology; return the rows of what exists.
 
     Raises TopologyError with a message for the operator when the broker is unreachable,
     refuses the credentials, or an entity disagrees, is missing or may not be configured.
     """
     amqp = settings.amqp
-    address = broker_address(amqp.url.value)
+    address = nodes_text(amqp)
     try:
-        connection = await aio_pika.connect(
-            amqp.url.value,
-            timeout=amqp.connect_timeout,
-            client_properties={"connection_name": "retm-relay declare"},
-        )
+        connection, _ = await connect_first(amqp, "retm-relay declare")
     except ProbableAuthenticationError:
         raise TopologyError(
             f"the broker at {address} refused the credentials of amqp.url"

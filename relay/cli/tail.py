@@ -36,14 +36,13 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
-import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from tqdm import tqdm
 
-from relay.amqp.publish import broker_address
+from relay.amqp.link import connect_first, nodes_text
 from relay.amqp.topology import exchanges_for_pattern
 from relay.settings import Settings
 
@@ -193,19 +192,17 @@ async def run(
             loop.remove_signal_handler(signum)
 
 
-async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:
-    """A connection to ``amqp.url``; raises TailError saying why not."""
-    address = broker_address(settings.amqp.url.value)
+async def _connect(settings: Settings, name: str) -> AbstractConnection:
+    """A connection to the first of ``amqp.url``'s nodes that answers; raises TailError saying
+    why not."""
+    address = nodes_text(settings.amqp)
     try:
-        return await aio_pika.connect(
-            settings.amqp.url.value,
-            timeout=settings.amqp.connect_timeout,
-            client_properties={"connection_name": f"retm-relay tail {name}"},
-        )
+        connection, _ = await connect_first(settings.amqp, f"retm-relay tail {name}")
     except ProbableAuthenticationError:
         raise TailError(f"the broker at {address} refused the credentials of amqp.url") from None
     except (*CONNECTION_EXCEPTIONS, TimeoutError, OSError) as exc:
         raise TailError(f"cannot connect to the broker at {address}: {exc}") from None
+    return connection
 
 
 async def read_queue(
@@ -223,7 +220,7 @@ async def read_queue(
     each printed message; otherwise give them all back to the queue at the end (see the module
     docstring). Raises TailError when the broker is unreachable, the queue does not exist or the
     link breaks."""
-    address = broker_address(settings.amqp.url.value)
+    address = nodes_text(settings.amqp)
     connection = await _connect(settings, queue_name)
     printed = 0
     async with connection:
@@ -267,7 +264,7 @@ async def _tail(
     err: TextIO,
     stop: asyncio.Event,
 ) -> int:
-    address = broker_address(settings.amqp.url.value)
+    address = nodes_text(settings.amqp)
     connection = await _connect(settings, pattern)
 
     lost: list[str] = []

@@ -30,8 +30,9 @@ operation. One batch is at Redis at a time, so operations on a key are applied i
 process issued them. redis-py's per-command bookkeeping (packing, a pooled connection, a retry
 wrapper, a parse) is paid once per batch instead of once per webhook: sent one command per
 webhook, it cost a third of the relay's time; pipelined, a fifth (py-spy, ``make bench
-BENCH_ARGS="--only redis --profile"``). The script needs Redis 2.6.12 or newer (``SET ... PX``);
-all keys of a batch must live on one server, so Redis Cluster is not supported.
+BENCH_ARGS="--only redis --profile"``). The script needs Redis 2.6.12 or newer (``SET ... PX``).
+On a Redis Cluster a script may only touch keys of one hash slot, so a batch goes out as one
+script call per slot, pipelined per master (``_Batcher._send_by_slot``).
 """
 
 from __future__ import annotations
@@ -45,17 +46,19 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relay.dedup.memory import MemoryDedupStore, Verdict
 from relay.errors import StoreUnavailable
+from relay.redis_url import RedisTarget, parse_redis_url
 
 log = structlog.get_logger("relay.dedup")
 
@@ -114,7 +117,8 @@ class _Batcher:
     of its batch; the caller catches ``STORE_ERRORS`` as for a direct command.
     """
 
-    def __init__(self, redis: Redis, *, lease_ms: int, ttl_ms: int) -> None:
+    def __init__(self, redis: Client, *, lease_ms: int, ttl_ms: int) -> None:
+        self.redis = redis
         self.script = redis.register_script(_BATCH)
         self._head = (lease_ms, ttl_ms, DELIVERED)
         self._queue: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]] = []
@@ -145,11 +149,14 @@ class _Batcher:
             self._flush()
 
     async def _send(self, batch: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]]) -> None:
-        keys = [rkey for _, rkey, _, _ in batch]
-        args: list[Any] = list(self._head)
-        for kind, _, owner, _ in batch:
-            args += (kind, owner)
         try:
+            if isinstance(self.redis, RedisCluster):
+                await self._send_by_slot(self.redis, batch)
+                return
+            keys = [rkey for _, rkey, _, _ in batch]
+            args: list[Any] = list(self._head)
+            for kind, _, owner, _ in batch:
+                args += (kind, owner)
             replies = await self.script(keys=keys, args=args)
         except (*STORE_ERRORS, asyncio.CancelledError) as exc:
             for *_, future in batch:
@@ -163,6 +170,36 @@ class _Batcher:
         for (*_, future), reply in zip(batch, replies, strict=True):
             if not future.done():
                 future.set_result(reply)
+
+    async def _send_by_slot(
+        self, cluster: RedisCluster, batch: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]]
+    ) -> None:
+        """A Redis Cluster runs a script only on keys of one hash slot: one call of ``_BATCH``
+        per slot the batch touches, all in one pipeline (one round trip per master, in
+        parallel). The keys keep their names, so they spread over every slot and master (no
+        hash tag puts them on one). A slot's error fails only that slot's operations; the
+        operations of one slot stay in the order issued."""
+        by_slot: dict[int, list[int]] = {}
+        for index, (_, rkey, _, _) in enumerate(batch):
+            by_slot.setdefault(key_slot(rkey), []).append(index)
+        pipe = cluster.pipeline()
+        for indices in by_slot.values():
+            args: list[Any] = list(self._head)
+            for index in indices:
+                args += (batch[index][0], batch[index][2])
+            keys = [batch[index][1] for index in indices]
+            pipe.eval(_BATCH, len(keys), *keys, *args)
+        results = await pipe.execute(raise_on_error=False)
+        for indices, result in zip(by_slot.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                error = result if isinstance(result, STORE_ERRORS) else RedisError(str(result))
+                for index in indices:
+                    if not batch[index][3].done():
+                        batch[index][3].set_exception(error)
+                continue
+            for index, reply in zip(indices, result, strict=True):
+                if not batch[index][3].done():
+                    batch[index][3].set_result(reply)
 
     async def drain(self) -> None:
         """Send what is queued and wait until every batch has been answered (or failed)."""
@@ -180,26 +217,68 @@ class _Claim:
 
 
 def redis_address(url: str) -> str:
-    """``host:port/db`` (or the socket path) of a Redis URL, without credentials, for
-    ``/health`` and logs."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    db = parts.path.lstrip("/") or "0"
-    return f"{parts.hostname}:{parts.port or 6379}/{db}"
+    """Where ``dedup.redis_url`` points, without credentials, for ``/health`` and logs:
+    ``host:port/db``, the socket path, ``sentinel h1:26379,.../mymaster/0`` or
+    ``cluster h1:7000,...`` (relay.redis_url)."""
+    return parse_redis_url(url).address
 
 
-def connect(url: str, timeout: float) -> Redis:
-    """A redis-py asyncio client for ``url`` that fails fast: ``timeout`` seconds to connect and
-    per command, and one immediate retry on a broken connection (a pooled connection that
-    Redis closed), never on a timeout. Connects lazily, on the first command."""
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        client_name="retm-relay",
+#: a client of ``connect``: one server (also a Sentinel master's), or a Redis Cluster
+Client = Redis | RedisCluster
+
+
+def connect(url: str, timeout: float) -> Client:
+    """A redis-py asyncio client for ``dedup.redis_url`` (relay.redis_url: one server, the
+    master a Sentinel set names, or a Redis Cluster) that fails fast: ``timeout`` seconds to
+    connect and per command, and one immediate retry on a broken connection (a pooled
+    connection that Redis closed), never on a timeout. Connects lazily, on the first command.
+
+    With Sentinel the client asks the sentinels for the master on each new connection, so
+    after a failover (the old master's connections fail, the store is down and probes) it
+    reaches the new master. With a Cluster the client follows MOVED and ASK redirections and
+    refreshes its slot map when a master fails over. Raises RedisUrlError for a bad URL."""
+    target = parse_redis_url(url)
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "client_name": "retm-relay",
+    }
+    if target.kind == "single":
+        return Redis.from_url(url, retry=retry, **common)
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    tls = _tls_options(target) if target.tls else {}
+    if target.kind == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+            retry=Retry(NoBackoff(), 1),
+            **auth,
+            **tls,
+            **common,
+        )
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        **tls,
+    }
+    if target.sentinel_auth:
+        sentinel_kwargs.update(auth)
+    sentinel = Sentinel(target.hosts, sentinel_kwargs=sentinel_kwargs)
+    client: Redis = sentinel.master_for(
+        target.service, db=target.db, retry=retry, **auth, **tls, **common
     )
+    return client
+
+
+def _tls_options(target: RedisTarget) -> dict[str, Any]:
+    """redis-py's ``ssl*`` arguments from the URL's TLS query parameters."""
+    options: dict[str, Any] = {"ssl": True}
+    for name, value in target.options.items():
+        if name == "ssl_check_hostname":
+            options[name] = value.lower() in {"1", "true", "yes", "on"}
+        else:
+            options[name] = value
+    return options
 
 
 class RedisDedupStore:
@@ -215,7 +294,7 @@ class RedisDedupStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         fallback: MemoryDedupStore,
         *,
         ttl: float,
@@ -532,6 +611,8 @@ class RedisDedupStore:
         await self.redis.ping()
         if not self.server_version:
             info = await self.redis.info("server")
+            if "redis_version" not in info:  # a Cluster's {node: info} of several nodes
+                info = next((v for v in info.values() if isinstance(v, dict)), {})
             self.server_version = str(info.get("redis_version", ""))
 
     def _mark_up(self) -> None:

@@ -226,6 +226,11 @@ def _watch_core(app: web.Application) -> None:
     health.add_check("spool", spool.readiness)
     health.add_detail("spool", spool.status)
     health.add_detail("broker", publisher.status)
+    metrics.counter_callback(
+        "relay_broker_failovers",
+        "Broker links that came up on another node of amqp.url than the link before them.",
+        lambda: publisher.failovers,
+    )
     health.add_detail(
         "dedup",
         lambda: {
@@ -405,6 +410,11 @@ def _add_flows(app: web.Application, clock: Callable[[], float]) -> None:
             "relay_loyalty_rpc_connected",
             "1 while the loyalty RPC link (with its reply consumer) is up.",
             lambda: 1 if link.connected.is_set() else 0,
+        )
+        metrics.counter_callback(
+            "relay_loyalty_rpc_failovers",
+            "Loyalty RPC links that came up on another node of amqp.url than the one before.",
+            lambda: link.failovers,
         )
         app.cleanup_ctx.append(_rpc_link)
 

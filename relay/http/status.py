@@ -137,7 +137,8 @@ def _is_iso(value: str) -> bool:
 
 def shown(value: object, fmt: str | None) -> str:
     """The text of ``value`` on the page: ``none`` for null, ``yes``/``no``, counts with
-    thousands separators, and the human units of ``fmt`` (see ``format_of``)."""
+    thousands separators, a list of strings joined by commas, and the human units of ``fmt``
+    (see ``format_of``)."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -152,6 +153,8 @@ def shown(value: object, fmt: str | None) -> str:
         value = int(value)
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # the broker's nodes
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
     return str(value)
@@ -332,6 +335,8 @@ def render_main(h: Mapping[str, Any]) -> str:
     for key, label in (
         ("connected", "connected"),
         ("address", "address"),
+        ("nodes", "nodes"),
+        ("failovers", "failovers"),
         ("connected_since", "connected since"),
         ("reconnects", "reconnects"),
         ("last_error", "last error"),

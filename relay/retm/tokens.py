@@ -39,6 +39,7 @@ import structlog
 from relay.dedup.redis import STORE_ERRORS, connect
 from relay.errors import RelayError, StoreUnavailable
 from relay.http.auth import TokenAuthenticator, token_digest
+from relay.redis_url import parse_redis_url
 
 REDIS_TIMEOUT = 0.5  # seconds: an install must answer within 1 s
 
@@ -285,12 +286,16 @@ class SqliteTokenStore:
 
 class RedisTokenStore:
     """The registry in Redis: hash ``<key>`` (field: digest hex, value: the record as JSON) and
-    counter ``<key>:version``, both changed in one MULTI/EXEC transaction (WATCH makes a
-    rotation's read-modify-write safe against another relay doing the same)."""
+    counter ``<key>:version`` (``{<key>}:version`` on a Redis Cluster), both changed in one
+    MULTI/EXEC transaction (WATCH makes a rotation's read-modify-write safe against another
+    relay doing the same)."""
 
     def __init__(self, url: str, key: str) -> None:
         self.key = key
-        self.version_key = f"{key}:version"
+        # A Redis Cluster runs a transaction only on keys of one slot: there the counter's
+        # name carries the hash key's name as its hash tag, which puts both on one slot.
+        cluster = parse_redis_url(url).kind == "cluster"
+        self.version_key = f"{{{key}}}:version" if cluster else f"{key}:version"
         self._redis = connect(url, REDIS_TIMEOUT)
         self._errors = STORE_ERRORS
 
