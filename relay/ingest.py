@@ -13,12 +13,17 @@ Field names used here come from RETM's notification hooks (retm/webhooks.md §3.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import re
 import secrets
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -26,13 +31,13 @@ import orjson
 import structlog
 from aiohttp import hdrs, http_exceptions, web
 
-from relay.amqp.publish import Envelope
-from relay.dedup.memory import DedupStore, Verdict, dedup_key
+from relay.amqp.publish import REJECTED_REASON_HEADER, Envelope
+from relay.dedup.memory import DedupStore, Verdict, body_reference, dedup_key
 from relay.errors import BrokerUnavailable, StoreUnavailable
 from relay.http.auth import Principal, TokenAuthenticator
 from relay.logs import iso_utc_millis
 from relay.metrics import Metrics
-from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Router, event_name
+from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Route, Router, event_name
 
 log = structlog.get_logger("relay.ingest")
 
@@ -55,7 +60,9 @@ BrokerUnavailable. The publisher's confirmed publish, or the spool in front of i
 
 
 class Rejection(Exception):
-    """A 4xx answer: ``status``, machine-readable ``code`` and a short ``detail``."""
+    """A 4xx answer: ``status``, machine-readable ``code`` and a short ``detail`` (never
+    request bytes). ``refused`` is set when an authenticated body was refused as not JSON or
+    not an object: what the quarantine keeps."""
 
     def __init__(
         self, status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
@@ -65,6 +72,19 @@ class Rejection(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.refused: Refused | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An authenticated body refused with a 400 (``invalid_json``, ``not_object``,
+    ``too_deep``): who sent it, the bytes (decompressed, without a BOM), the declared
+    ``Content-Type`` (None when absent) and the receive time (Unix seconds)."""
+
+    principal: Principal
+    raw: bytes
+    content_type: str | None
+    received_at: float
 
 
 def error_response(
@@ -102,8 +122,15 @@ _WWW_AUTH = {
 
 
 def check_token(authenticator: TokenAuthenticator, request: web.BaseRequest) -> Principal:
-    """The request's principal; raises Rejection 401 with ``WWW-Authenticate: Bearer``."""
-    result = authenticator.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    """The request's principal; raises Rejection 401 with ``WWW-Authenticate: Bearer``, or
+    400 ``duplicate_authorization`` when the request has more than one Authorization header
+    (which one a proxy on the way honoured cannot be known)."""
+    values = request.headers.getall(hdrs.AUTHORIZATION, ())
+    if len(values) > 1:
+        raise Rejection(
+            400, "duplicate_authorization", "a request must have one Authorization header"
+        )
+    result = authenticator.authenticate(values[0] if values else None)
     if isinstance(result, Principal):
         return result
     detail = {
@@ -115,42 +142,77 @@ def check_token(authenticator: TokenAuthenticator, request: web.BaseRequest) -> 
 
 
 _media_type_cache: dict[str, bool] = {}
+#: charsets accepted with a JSON body: UTF-8, and ASCII (a subset; text/plain's default)
+_JSON_CHARSETS = _UTF8_NAMES | {"us-ascii", "ascii"}
 
 
-def _is_json_utf8(content_type: str) -> bool:
-    verdict = _media_type_cache.get(content_type)
+def _is_json_media(content_type: str, *, lenient: bool) -> bool:
+    key = f"{lenient:d}{content_type}"
+    verdict = _media_type_cache.get(key)
     if verdict is None:
         media, *params = content_type.split(";")
-        verdict = media.strip().lower() == "application/json"
+        media = media.strip().lower()
+        if lenient:
+            verdict = media in ("", "application/json", "text/plain") or (
+                media.startswith("application/") and media.endswith("+json")
+            )
+        else:
+            verdict = media == "application/json"
         for param in params:
             name, _, value = param.partition("=")
             if name.strip().lower() == "charset":
-                verdict = verdict and value.strip().strip('"').lower() in _UTF8_NAMES
+                verdict = verdict and value.strip().strip('"').lower() in _JSON_CHARSETS
         if len(_media_type_cache) < 256:
-            _media_type_cache[content_type] = verdict
+            _media_type_cache[key] = verdict
     return verdict
 
 
-def check_media_type(request: web.BaseRequest) -> None:
-    """``application/json`` in any letter case, with no charset or a UTF-8 one; else 415."""
-    content_type = request.headers.get(hdrs.CONTENT_TYPE)
-    if content_type is None or not _is_json_utf8(content_type):
-        raise Rejection(
-            415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
-        )
+def check_media_type(request: web.BaseRequest, *, lenient: bool = False) -> None:
+    """``application/json`` in any letter case, with no charset or a UTF-8 one; else 415.
 
-
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The body, decompressed per ``Content-Encoding`` (gzip, deflate), at most ``limit``
-    bytes before and after decompression, without a leading UTF-8 BOM.
-
-    Raises Rejection: 413 too large, 415 unsupported coding, 400 corrupt or truncated data.
+    lenient (an authenticated webhook sender, whose body is judged as JSON anyway): also no
+    ``Content-Type`` at all, ``text/plain`` and ``application/*+json``.
     """
-    coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
-    if coding not in ("", "identity") and coding not in _DECODERS:
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if content_type is None:
+        if lenient:
+            return
+    elif _is_json_media(content_type, lenient=lenient):
+        return
+    detail = (
+        "Content-Type must be application/json, application/*+json or text/plain (UTF-8)"
+        if lenient
+        else "Content-Type must be application/json (UTF-8)"
+    )
+    raise Rejection(415, "unsupported_media_type", detail)
+
+
+def content_codings(request: web.BaseRequest) -> list[str]:
+    """The request's content codings in the order they were applied: every
+    ``Content-Encoding`` header and every comma-separated entry, lower-cased, without
+    ``identity``. Raises Rejection 415 naming none of the request's bytes when one is not
+    gzip, x-gzip or deflate."""
+    codings = [
+        coding.strip().lower()
+        for header in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+        for coding in header.split(",")
+    ]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if any(coding not in _DECODERS for coding in codings):
         raise Rejection(
             415, "unsupported_encoding", "Content-Encoding must be gzip, deflate or identity"
         )
+    return codings
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The body, decompressed per ``Content-Encoding`` (gzip, deflate; several codings,
+    repeated headers included, are undone in reverse order), at most ``limit`` bytes before
+    and after each decompression, without a leading UTF-8 BOM.
+
+    Raises Rejection: 413 too large, 415 unsupported coding, 400 corrupt or truncated data.
+    """
+    codings = content_codings(request)
     too_large = Rejection(413, "payload_too_large", f"the body must be at most {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
@@ -160,7 +222,7 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise too_large from None
     except (OSError, http_exceptions.HttpProcessingError, aiohttp.ClientError):
         raise Rejection(400, "incomplete_body", "the body could not be read in full") from None
-    if coding in _DECODERS:
+    for coding in reversed(codings):
         raw = _decompress(raw, _DECODERS[coding], limit, too_large)
     if raw.startswith(BOM):
         raw = raw[3:]
@@ -190,15 +252,105 @@ def _decompress(data: bytes, wbits: int, limit: int, too_large: Rejection) -> by
         raise corrupt from None
 
 
+#: nesting limit (arrays and objects inside each other) of a body that only the tolerant
+#: parser reads; orjson, the fast path, reads up to 1024 levels
+MAX_DEPTH = 512
+#: longest integer (digits) read as an int; longer ones are read as Decimal (Python's own
+#: int-from-text limit is 4300 digits)
+_MAX_INT_DIGITS = 4000
+_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET_RE = re.compile(rb"[^\[\]{}]+")
+
+
 def parse_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object; raises Rejection 400 ``invalid_json`` or ``not_object``."""
+    """The body as a JSON object (RFC 8259); raises Rejection 400 ``invalid_json``,
+    ``not_object`` or ``too_deep``.
+
+    orjson first (fast); where it refuses, the standard library's parser, which also reads
+    valid JSON that orjson does not: lone surrogate escapes (``"\\ud83d"``, a name cut inside
+    an emoji), numbers beyond a double (``1e400``) and integers of any length. It is kept to
+    RFC 8259: the text must be UTF-8, and ``NaN``, ``Infinity`` and ``-Infinity`` (which it
+    would accept) are refused. Strings holding a lone surrogate are read with U+FFFD in its
+    place (the body itself is published unchanged). Nesting limit: ``MAX_DEPTH`` levels for
+    what only the second parser reads.
+    """
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise Rejection(400, "invalid_json", f"the body is not valid JSON: {exc.msg}") from None
+        body = _tolerant_loads(raw, exc.msg)
     if not isinstance(body, dict):
         raise Rejection(400, "not_object", "the body must be a JSON object")
     return body
+
+
+def _tolerant_loads(raw: bytes, first_error: str) -> Any:
+    invalid = Rejection(400, "invalid_json", f"the body is not valid JSON: {first_error}")
+    try:
+        text = raw.decode("utf-8")  # RFC 8259 §8.1: JSON exchanged between systems is UTF-8
+    except UnicodeDecodeError:
+        raise invalid from None
+    if _depth(raw) > MAX_DEPTH:
+        raise Rejection(400, "too_deep", f"the body is nested deeper than {MAX_DEPTH} levels")
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_int=_integer)
+    except (ValueError, RecursionError):
+        raise invalid from None
+    return _scrub(value)
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``raw``, brackets inside strings aside
+    (a scan without recursion; only run when orjson refused the body)."""
+    brackets = _NOT_BRACKET_RE.sub(b"", _STRING_RE.sub(b"", raw))
+    depth = deepest = 0
+    for byte in brackets:
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _integer(digits: str) -> int | Decimal:
+    return int(digits) if len(digits) <= _MAX_INT_DIGITS else Decimal(digits)
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (keys too) replaced by U+FFFD, so
+    that what is read from it can be encoded as UTF-8 (headers, message_id, logs). Walks the
+    containers with a stack of its own: no recursion, whatever the nesting."""
+    root = [value]
+    stack: list[list[Any] | dict[Any, Any]] = [root]
+    while stack:
+        container = stack.pop()
+        if isinstance(container, dict):
+            items = list(container.items())
+            container.clear()
+            for key, item in items:
+                container[_clean(key) if isinstance(key, str) else key] = _cleaned(item, stack)
+        else:
+            for index, item in enumerate(container):
+                container[index] = _cleaned(item, stack)
+    return root[0]
+
+
+def _cleaned(item: Any, stack: list[list[Any] | dict[Any, Any]]) -> Any:
+    if isinstance(item, str):
+        return _clean(item)
+    if isinstance(item, list | dict):
+        stack.append(item)
+    return item
+
+
+def _clean(text: str) -> str:
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _text(value: object) -> str | None:
@@ -255,6 +407,8 @@ class Ingest:
 
     deliver: makes an envelope durable (see ``Deliver``). dedup: the dedup store.
     max_body_bytes: ``http.max_body_bytes``. key_fields: ``dedup.key_fields``.
+    hash_ttl: seconds a key made from a body hash is remembered (``dedup.hash_ttl``).
+    rejected_exchange: the quarantine (``amqp.rejected_exchange``).
     """
 
     def __init__(
@@ -267,6 +421,8 @@ class Ingest:
         metrics: Metrics,
         max_body_bytes: int,
         key_fields: tuple[str, ...],
+        hash_ttl: float = 3600.0,
+        rejected_exchange: str = "retm.rejected",
     ) -> None:
         self.authenticator = authenticator
         self.router = router
@@ -275,15 +431,30 @@ class Ingest:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.key_fields = key_fields
+        self.hash_ttl = hash_ttl
+        self.rejected_exchange = rejected_exchange
         self.last_retm_error: dict[str, Any] | None = None
+        #: RETM error webhooks published since the start (each arrival counts)
+        self.retm_errors = 0
+        #: quarantine counters since the start: kept, duplicates (a retry of a kept body)
+        self.quarantined = 0
+        self.quarantine_duplicates = 0
+        self.last_quarantined: dict[str, Any] | None = None
 
     async def read_webhook(self, request: web.BaseRequest) -> Webhook:
-        """Authenticate and read a webhook request; raises Rejection."""
+        """Authenticate and read a webhook request; raises Rejection (with ``refused`` set
+        when the sender is authenticated and the body is not a JSON object)."""
         received_at = time.time()
         principal = check_token(self.authenticator, request)
-        check_media_type(request)
+        check_media_type(request, lenient=True)
         raw = await read_body(request, self.max_body_bytes)
-        return Webhook(principal, raw, parse_object(raw), received_at)
+        try:
+            body = parse_object(raw)
+        except Rejection as rej:
+            content_type = request.headers.get(hdrs.CONTENT_TYPE)
+            rej.refused = Refused(principal, raw, content_type, received_at)
+            raise
+        return Webhook(principal, raw, body, received_at)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """``POST /retm/events``: a notification hook (``order.*``, ``customer.*``, any event)."""
@@ -305,7 +476,6 @@ class Ingest:
                 hook = await self.read_webhook(request)
             except Rejection as rej:
                 metrics.rejected(rej.code)
-                metrics.request(route_name, "rejected", time.perf_counter() - started)
                 log.warning(
                     "webhook.rejected",
                     route=route_name,
@@ -314,6 +484,11 @@ class Ingest:
                     detail=rej.detail,
                     remote=request.remote,
                 )
+                if rej.refused is not None:
+                    unavailable = await self._quarantine(rej, rej.refused, route_name, started)
+                    if unavailable is not None:
+                        return unavailable
+                metrics.request(route_name, "rejected", time.perf_counter() - started)
                 return error_response(rej.status, rej.code, rej.detail, rej.headers)
             if fixed_event is None:
                 raw_event = hook.body.get("event")
@@ -335,7 +510,14 @@ class Ingest:
         body, principal = hook.body, hook.principal
         business, mismatch = merchant(principal, body)
         route = self.router.route(event, business, body.get("branch_id"))
-        key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
+        if event == DELIVERY_ERROR:
+            # RETM's error webhook has no id, and the same alert may rightly come again: each
+            # arrival is its own event (never answered "duplicate"), with a message_id of its own
+            key, ttl = f"{principal.id}:{event}:arrival-{uuid.uuid4().hex}", None
+        else:
+            key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
+            referenced = body_reference(body, self.key_fields) is not None
+            ttl = None if referenced else self.hash_ttl
         headers = contract_headers(event, business, body, hook.received_at)
         if mismatch is not None:
             headers[MISMATCH_HEADER] = mismatch
@@ -369,7 +551,7 @@ class Ingest:
         try:
             envelope = Envelope(hook.raw, route, key, event, hook.received_at, headers)
             outcome = await self.deliver(envelope)
-            await self.dedup.commit(key)
+            await self.dedup.commit(key, ttl)
             committed = True
         except BrokerUnavailable as exc:
             return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
@@ -377,8 +559,88 @@ class Ingest:
             if not committed:
                 await self.dedup.release(key)
         if event == DELIVERY_ERROR:
+            self.retm_errors += 1
+            self.metrics.retm_error()
             self._remember_retm_error(body, hook.received_at)
         return self._answer(route_name, outcome, answer, started, log_fields)
+
+    async def _quarantine(
+        self, rej: Rejection, refused: Refused, route_name: str, started: float
+    ) -> web.Response | None:
+        """Keep a refused body on the quarantine exchange, deduplicated by its SHA-256 for
+        ``hash_ttl``; None once it is durable (or was already kept), so the caller answers the
+        400. When it cannot be made durable, the 503 to answer instead: RETM retries, and
+        nothing it sent is lost."""
+        received_at = refused.received_at
+        principal = refused.principal
+        key = f"{principal.id}:rejected:sha256-{hashlib.sha256(refused.raw).hexdigest()}"
+        headers: dict[str, Any] = {
+            REJECTED_REASON_HEADER: rej.code,
+            "x-relay-rejected-detail": rej.detail[:MAX_HEADER_VALUE],
+            "x-relay-route": route_name,
+            "x-relay-received-at": iso_utc_millis(received_at),
+        }
+        if refused.content_type is not None:
+            headers["x-relay-content-type"] = refused.content_type[:MAX_HEADER_VALUE]
+        if principal.business is not None:
+            headers["x-retm-business"] = principal.business
+        log_fields = {"route": route_name, "key": key, "reason": rej.code}
+        try:
+            verdict = await self.dedup.claim(key)
+        except StoreUnavailable as exc:
+            return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
+        if verdict is Verdict.DUPLICATE:
+            self.quarantine_duplicates += 1
+            self.metrics.quarantined(rej.code, "duplicate")
+            log.info("webhook.quarantine_duplicate", **log_fields)
+            return None
+        if verdict is Verdict.FAILED:
+            return self._unavailable(
+                route_name,
+                "first_attempt_failed",
+                "an earlier delivery of this body failed",
+                started,
+                log_fields,
+            )
+        committed = False
+        try:
+            envelope = Envelope(
+                refused.raw,
+                Route(self.rejected_exchange, rej.code),  # the reason as routing key
+                key,
+                "rejected",
+                received_at,
+                headers,
+            )
+            outcome = await self.deliver(envelope)
+            await self.dedup.commit(key, self.hash_ttl)
+            committed = True
+        except BrokerUnavailable as exc:
+            return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
+        finally:
+            if not committed:
+                await self.dedup.release(key)
+        self.quarantined += 1
+        self.metrics.quarantined(rej.code, outcome)
+        self.last_quarantined = {
+            "reason": rej.code,
+            "route": route_name,
+            "bytes": len(refused.raw),
+            "message_id": key,
+            "received_at": received_at,
+        }
+        log.warning("webhook.quarantined", outcome=outcome, bytes=len(refused.raw), **log_fields)
+        return None
+
+    def quarantine_status(self) -> dict[str, Any]:
+        """The ``/health`` section ``quarantine``: the exchange, how many refused bodies were
+        kept and how many retries of one were recognised since the start, and the last one."""
+        return {
+            "exchange": self.rejected_exchange,
+            "kept": self.quarantined,
+            "duplicates": self.quarantine_duplicates,
+            "last": self.last_quarantined,
+        }
 
     def _answer(
         self,

@@ -69,6 +69,16 @@ class Names:
     def unrouted(self) -> str:
         return f"{self.prefix}.unrouted"
 
+    @property
+    def rejected(self) -> str:
+        """The quarantine exchange and queue (``amqp.rejected_exchange``)."""
+        return f"{self.prefix}.rejected"
+
+    @property
+    def own(self) -> tuple[str, str]:
+        """The relay's own exchange-and-queue names: unrouted, rejected."""
+        return (self.unrouted, self.rejected)
+
     def __call__(self, suffix: str) -> str:
         return f"{self.prefix}.{suffix}"
 
@@ -172,7 +182,7 @@ async def broker() -> AsyncIterator[Broker]:
 def names(broker: Broker) -> Names:
     """Unique names for the test; the relay topology under them is deleted afterwards."""
     n = Names()
-    broker.forget_later(exchanges=(n.exchange, n.unrouted), queues=(n.unrouted,))
+    broker.forget_later(exchanges=(n.exchange, *n.own), queues=n.own)
     return n
 
 
@@ -248,6 +258,7 @@ def relay_environ(names: Names, state_dir: Path, **overrides: str) -> dict[str, 
         "RELAY_AMQP_URL": AMQP_URL,
         "RELAY_AMQP_EXCHANGE": names.exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": names.unrouted,
+        "RELAY_AMQP_REJECTED_EXCHANGE": names.rejected,
         "RELAY_STATE_DIR": str(state_dir),
         "RELAY_HTTP_SHUTDOWN_TIMEOUT": "10",
     }
@@ -269,10 +280,8 @@ async def start_relay(broker: Broker, names: Names, tmp_path: Path) -> AsyncIter
     async def start(*, wait_durable: bool = True, **overrides: str) -> RunningRelay:
         environ = relay_environ(names, tmp_path / f"state{len(running)}", **overrides)
         settings = load_settings(None, environ)
-        broker.forget_later(
-            exchanges=(settings.amqp.exchange, settings.amqp.unrouted_exchange),
-            queues=(settings.amqp.unrouted_exchange,),
-        )
+        own = (settings.amqp.unrouted_exchange, settings.amqp.rejected_exchange)
+        broker.forget_later(exchanges=(settings.amqp.exchange, *own), queues=own)
         relay = Relay(settings)
         await relay.start()
         r = RunningRelay(relay, session)

@@ -54,7 +54,7 @@ async def test_malformed_http_is_one_warning_line_without_the_bytes(
     WARNING with the client's address and the parser's error class, no traceback, and no
     trace of the token anywhere in the relay's output; ``relay_rejected_total`` counts it
     with reason ``bad_http``."""
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
     relay = await RelayProcess(relay_environ(names, tmp_path / "state")).start()
     try:
         await relay.wait_log("relay.ready")

@@ -277,11 +277,11 @@ def vhost_url(vhost: str, user: str = "guest", password: str = "guest") -> str:
 
 # The broker permissions the README recommends for the relay's user (configure, write, read).
 RELAY_PERMISSIONS = (
-    r"^retm\.(events|unrouted)$",
-    r"^retm\.(events|unrouted)$",
-    r"^retm\.unrouted$",
+    r"^retm\.(events|unrouted|rejected)$",
+    r"^retm\.(events|unrouted|rejected)$",
+    r"^retm\.(unrouted|rejected)$",
 )
-RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted)$", "^$")
+RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted|rejected)$", "^$")
 
 
 @pytest.mark.slow
@@ -380,6 +380,7 @@ async def test_definitions_give_consumer_queues_with_dead_lettering(
                 "RELAY_AMQP_URL": vhost_url(private_vhost),
                 "RELAY_AMQP_EXCHANGE": "retm.events",
                 "RELAY_AMQP_UNROUTED_EXCHANGE": "retm.unrouted",
+                "RELAY_AMQP_REJECTED_EXCHANGE": "retm.rejected",
                 "RELAY_CONSUMERS_QUEUES": "erp.orders=order.#,crm.customers=customer.*",
             },
         )  # fmt: skip
@@ -405,6 +406,7 @@ async def test_definitions_give_consumer_queues_with_dead_lettering(
                 RELAY_AMQP_URL=vhost_url(private_vhost, user, password),
                 RELAY_AMQP_EXCHANGE="retm.events",
                 RELAY_AMQP_UNROUTED_EXCHANGE="retm.unrouted",
+                RELAY_AMQP_REJECTED_EXCHANGE="retm.rejected",
                 RELAY_AMQP_PASSIVE=passive,
             )
             relay = Relay(load_settings(None, environ))

@@ -254,7 +254,7 @@ async def test_status_page_says_when_the_relay_is_gone(
 ) -> None:
     """When /health stops answering, the page says so and keeps the last values."""
     settings = load_settings(None, relay_environ(names, tmp_path / "state"))
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
     relay = Relay(settings)
     await relay.start()
     try:
