@@ -204,7 +204,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     promtool = tool("promtool")
     check = run(promtool, "check", "rules", RULES)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 14 rules found" in check.stdout
+    assert "SUCCESS: 15 rules found" in check.stdout
     tests = run(promtool, "test", "rules", RULE_TESTS.name, cwd=RULE_TESTS.parent)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "SUCCESS" in tests.stdout

@@ -155,7 +155,7 @@ async def test_status_page_shows_what_health_says(
 ) -> None:
     """After real traffic, every number the page shows equals /health at that moment:
     readiness, broker link, events per minute by type, duplicates, rejections by reason,
-    unroutable, the last RETM error, the (empty) spool, version and uptime. A screenshot is
+    unroutable, the last RETM error, the quarantine, the (empty) spool, version and uptime. A screenshot is
     taken at that moment."""
     await broker.tap(names.exchange, "order.#")  # customer events stay unroutable
     first, second = fixture_bytes("order.created.json"), fixture_bytes("order.refunded.json")
@@ -196,6 +196,11 @@ async def test_status_page_shows_what_health_says(
         ("counters", "rejected_by_reason", "not_object"): "1",
         ("last_retm_error", "code"): "504",
         ("last_retm_error", "endpoint"): "https://hooks.example.com/retm/events",
+        ("quarantine", "exchange"): names.rejected,
+        ("quarantine", "kept"): "1",
+        ("quarantine", "duplicates"): "0",
+        ("quarantine", "last", "reason"): "not_object",
+        ("quarantine", "last", "bytes"): "3",
     }
     assert {path: values[path][0] for path in must_show} == must_show
     assert ("uptime_seconds",) in values
