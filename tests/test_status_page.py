@@ -155,8 +155,8 @@ async def test_status_page_shows_what_health_says(
 ) -> None:
     """After real traffic, every number the page shows equals /health at that moment:
     readiness, broker link, events per minute by type, duplicates, rejections by reason,
-    unroutable, the last RETM error, the quarantine, the (empty) spool, version and uptime. A screenshot is
-    taken at that moment."""
+    unroutable, the last RETM error, the quarantine, the (empty) spool, version and uptime.
+    A screenshot is taken at that moment."""
     await broker.tap(names.exchange, "order.#")  # customer events stay unroutable
     first, second = fixture_bytes("order.created.json"), fixture_bytes("order.refunded.json")
     for body in (first, second, first, fixture_bytes("customer.created.json")):
