@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from multidict import CIMultiDict
 
 from relay.service import Relay
 from relay.settings import Settings, load_settings
@@ -217,8 +218,9 @@ class RunningRelay:
         content_type: str | None = "application/json",
         headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """POST raw ``body`` bytes; returns status, parsed JSON body (or text) and headers."""
-        all_headers = dict(headers or {})
+        """POST raw ``body`` bytes; returns status, parsed JSON body (or text) and headers.
+        ``headers`` may repeat a name (a CIMultiDict): every value is sent."""
+        all_headers: CIMultiDict[str] = CIMultiDict(headers or {})
         if token is not None:
             all_headers.setdefault("Authorization", f"Bearer {token}")
         if content_type is not None:

@@ -383,6 +383,26 @@ async def test_two_authorization_headers_get_400(
     assert quarantine.empty()
 
 
+@pytest.mark.parametrize("second", [b"authorization", b"AUTHORIZATION", b"Authorization"])
+async def test_two_authorization_headers_in_any_letter_case_get_400(
+    relay: RunningRelay, second: bytes
+) -> None:
+    """The second Authorization header may be spelt in any letter case (the header names are
+    the same): 400 ``duplicate_authorization``, over a raw connection."""
+    body = b'{"event":"order.created","reference":"two-auth"}'
+    request = (
+        b"POST /retm/events HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+        + second + b": Bearer " + TOKEN.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )  # fmt: skip
+
+    status_line, answer = await raw_exchange(relay.url, request)
+
+    assert status_line == b"HTTP/1.1 400 Bad Request"
+    assert orjson.loads(answer)["error"] == "duplicate_authorization"
+
+
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2", b"HTTP/3.0"])
 async def test_other_http_versions_get_505(
     relay: RunningRelay, broker: Broker, names: Names, version: bytes
