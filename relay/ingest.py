@@ -475,7 +475,14 @@ class Ingest:
             try:
                 hook = await self.read_webhook(request)
             except Rejection as rej:
+                kept: dict[str, str] = {}
+                if rej.refused is not None:
+                    outcome = await self._quarantine(rej, rej.refused, route_name, started)
+                    if isinstance(outcome, web.Response):
+                        return outcome  # 503: the copy could not be made durable
+                    kept = {"quarantine": outcome[0], "message_id": outcome[1]}
                 metrics.rejected(rej.code)
+                metrics.request(route_name, "rejected", time.perf_counter() - started)
                 log.warning(
                     "webhook.rejected",
                     route=route_name,
@@ -483,12 +490,8 @@ class Ingest:
                     reason=rej.code,
                     detail=rej.detail,
                     remote=request.remote,
+                    **kept,
                 )
-                if rej.refused is not None:
-                    unavailable = await self._quarantine(rej, rej.refused, route_name, started)
-                    if unavailable is not None:
-                        return unavailable
-                metrics.request(route_name, "rejected", time.perf_counter() - started)
                 return error_response(rej.status, rej.code, rej.detail, rej.headers)
             if fixed_event is None:
                 raw_event = hook.body.get("event")
@@ -566,11 +569,11 @@ class Ingest:
 
     async def _quarantine(
         self, rej: Rejection, refused: Refused, route_name: str, started: float
-    ) -> web.Response | None:
+    ) -> tuple[str, str] | web.Response:
         """Keep a refused body on the quarantine exchange, deduplicated by its SHA-256 for
-        ``hash_ttl``; None once it is durable (or was already kept), so the caller answers the
-        400. When it cannot be made durable, the 503 to answer instead: RETM retries, and
-        nothing it sent is lost."""
+        ``hash_ttl``. Once it is durable, or was kept already: (outcome, message_id), outcome
+        ``accepted``, ``spooled`` or ``duplicate``, and the caller answers the 400. When it
+        cannot be made durable: the 503 to answer instead (RETM retries; nothing is lost)."""
         received_at = refused.received_at
         principal = refused.principal
         key = f"{principal.id}:rejected:sha256-{hashlib.sha256(refused.raw).hexdigest()}"
@@ -592,8 +595,7 @@ class Ingest:
         if verdict is Verdict.DUPLICATE:
             self.quarantine_duplicates += 1
             self.metrics.quarantined(rej.code, "duplicate")
-            log.info("webhook.quarantine_duplicate", **log_fields)
-            return None
+            return "duplicate", key
         if verdict is Verdict.FAILED:
             return self._unavailable(
                 route_name,
@@ -629,8 +631,7 @@ class Ingest:
             "message_id": key,
             "received_at": received_at,
         }
-        log.warning("webhook.quarantined", outcome=outcome, bytes=len(refused.raw), **log_fields)
-        return None
+        return outcome, key
 
     def quarantine_status(self) -> dict[str, Any]:
         """The ``/health`` section ``quarantine``: the exchange, how many refused bodies were

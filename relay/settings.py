@@ -700,9 +700,14 @@ def _validate_consumers(s: Settings) -> None:
             _check(not name.startswith("amq."), key, f"queue name {name!r} is reserved (amq.)")
             _check(name not in names, key, f"queue {name!r} is listed twice")
             _check(
-                name not in {s.amqp.unrouted_exchange, s.amqp.rejected_exchange},
+                name != s.amqp.unrouted_exchange,
                 key,
-                f"queue {name!r} is one of the relay's own queues (unrouted, rejected)",
+                f"queue {name!r} is the relay's unrouted queue",
+            )
+            _check(
+                name != s.amqp.rejected_exchange,
+                key,
+                f"queue {name!r} is the relay's quarantine queue",
             )
             names.add(name)
         _check(bool(queue.bindings), key, f"queue {queue.name!r} needs at least one binding")

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from relay.service import Relay
 from relay.settings import load_settings
@@ -141,14 +142,15 @@ async def test_refused_bodies_of_an_authenticated_sender_are_quarantined_once(
     """Not JSON (and not an object): 400 as before, and a copy on the quarantine queue, byte
     for byte, with the reason, declared content type, route and receive time in headers and
     the body hash as message_id; RETM's two retries add no copy; a stranger's body is never
-    kept; all counted on /metrics and shown on /health."""
+    kept; all counted on /metrics and shown on /health, and each request is one log line."""
     quarantine = await broker.tap_queue(names.rejected)
     not_json = b'{"event":"order.created","reference":"r-1",'  # cut short: not JSON
     not_object = b'["order.created"]'
 
-    answers = [await relay.event(not_json, content_type="text/plain") for _ in range(3)]
-    stranger = await relay.event(b"{not json from a stranger", token="wrong-token")
-    array = await relay.event(not_object, content_type=None)
+    with capture_logs() as logs:
+        answers = [await relay.event(not_json, content_type="text/plain") for _ in range(3)]
+        stranger = await relay.event(b"{not json from a stranger", token="wrong-token")
+        array = await relay.event(not_object, content_type=None)
 
     assert [a.status for a in answers] == [400, 400, 400]
     assert answers[0].body["error"] == "invalid_json"
@@ -198,6 +200,15 @@ async def test_refused_bodies_of_an_authenticated_sender_are_quarantined_once(
     }
     assert health["last"]["reason"] == "not_object"
     assert health["last"]["bytes"] == len(not_object)
+    lines = [line for line in logs if line.get("route") == "events"]
+    assert [(line["event"], line.get("quarantine")) for line in lines] == [
+        ("webhook.rejected", "accepted"),
+        ("webhook.rejected", "duplicate"),
+        ("webhook.rejected", "duplicate"),
+        ("webhook.rejected", None),
+        ("webhook.rejected", "accepted"),
+    ]
+    assert lines[0]["message_id"] == first.message_id
 
 
 async def test_quarantine_goes_through_the_spool_across_a_restart(
@@ -219,11 +230,11 @@ async def test_quarantine_goes_through_the_spool_across_a_restart(
             session.post(first.url + "/retm/events", data=body, headers=headers) as r,
         ):
             answer = (r.status, orjson.loads(await r.read())["error"])
-        kept = await first.wait_log("webhook.quarantined")
+        kept = await first.wait_log("webhook.rejected")
     finally:
         await first.kill()
     assert answer == (400, "invalid_json")
-    assert kept["outcome"] == "spooled"
+    assert (kept["reason"], kept["quarantine"]) == ("invalid_json", "spooled")
 
     quarantine = await broker.tap_queue(names.rejected)
     second = await RelayProcess({**environ, "RELAY_AMQP_URL": AMQP_URL}).start()
