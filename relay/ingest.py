@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 import secrets
 import time
 import uuid
@@ -258,8 +257,6 @@ MAX_DEPTH = 512
 #: longest integer (digits) read as an int; longer ones are read as Decimal (Python's own
 #: int-from-text limit is 4300 digits)
 _MAX_INT_DIGITS = 4000
-_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKET_RE = re.compile(rb"[^\[\]{}]+")
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -285,31 +282,23 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 
 def _tolerant_loads(raw: bytes, first_error: str) -> Any:
     invalid = Rejection(400, "invalid_json", f"the body is not valid JSON: {first_error}")
+    too_deep = Rejection(400, "too_deep", f"the body is nested deeper than {MAX_DEPTH} levels")
     try:
         text = raw.decode("utf-8")  # RFC 8259 §8.1: JSON exchanged between systems is UTF-8
     except UnicodeDecodeError:
         raise invalid from None
-    if _depth(raw) > MAX_DEPTH:
-        raise Rejection(400, "too_deep", f"the body is nested deeper than {MAX_DEPTH} levels")
     try:
-        value = json.loads(text, parse_constant=_not_json, parse_int=_integer)
-    except (ValueError, RecursionError):
+        try:
+            value = json.loads(text, parse_constant=_not_json)
+        except ValueError:  # perhaps only an integer beyond Python's 4300-digit limit
+            value = json.loads(text, parse_constant=_not_json, parse_int=_integer)
+    except RecursionError:  # the C scanner counts against the interpreter's recursion limit
+        raise too_deep from None
+    except ValueError:
         raise invalid from None
-    return _scrub(value)
-
-
-def _depth(raw: bytes) -> int:
-    """The deepest nesting of arrays and objects in ``raw``, brackets inside strings aside
-    (a scan without recursion; only run when orjson refused the body)."""
-    brackets = _NOT_BRACKET_RE.sub(b"", _STRING_RE.sub(b"", raw))
-    depth = deepest = 0
-    for byte in brackets:
-        if byte in b"[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+    if not _scrub(value):
+        raise too_deep
+    return value
 
 
 def _not_json(name: str) -> Any:
@@ -320,34 +309,38 @@ def _integer(digits: str) -> int | Decimal:
     return int(digits) if len(digits) <= _MAX_INT_DIGITS else Decimal(digits)
 
 
-def _scrub(value: Any) -> Any:
-    """``value`` with every lone surrogate in its strings (keys too) replaced by U+FFFD, so
-    that what is read from it can be encoded as UTF-8 (headers, message_id, logs). Walks the
-    containers with a stack of its own: no recursion, whatever the nesting."""
-    root = [value]
-    stack: list[list[Any] | dict[Any, Any]] = [root]
+def _scrub(value: Any) -> bool:
+    """Replace, in place, every lone surrogate in the strings (keys too) of the parsed
+    ``value`` by U+FFFD, so that what is read from it can be encoded as UTF-8 (headers,
+    message_id, logs); False when it nests deeper than ``MAX_DEPTH``. Walks the containers
+    with a stack of its own: no recursion, whatever the nesting."""
+    stack: list[tuple[list[Any] | dict[Any, Any], int]] = []
+    if isinstance(value, list | dict):
+        stack.append((value, 1))
     while stack:
-        container = stack.pop()
-        if isinstance(container, dict):
-            items = list(container.items())
-            container.clear()
-            for key, item in items:
-                container[_clean(key) if isinstance(key, str) else key] = _cleaned(item, stack)
+        container, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if type(container) is dict:
+            if not all(key.isascii() for key in container):
+                items = list(container.items())
+                container.clear()
+                container.update((_clean(key), item) for key, item in items)
+            entries: Any = container.items()
         else:
-            for index, item in enumerate(container):
-                container[index] = _cleaned(item, stack)
-    return root[0]
-
-
-def _cleaned(item: Any, stack: list[list[Any] | dict[Any, Any]]) -> Any:
-    if isinstance(item, str):
-        return _clean(item)
-    if isinstance(item, list | dict):
-        stack.append(item)
-    return item
+            entries = enumerate(container)
+        for slot, item in entries:  # type() rather than isinstance: json.loads makes no subclasses
+            kind = type(item)
+            if kind is str:
+                if not item.isascii():
+                    container[slot] = _clean(item)
+            elif kind is list or kind is dict:
+                stack.append((item, depth + 1))
+    return True
 
 
 def _clean(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD (pairs are kept)."""
     if text.isascii():
         return text
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -434,8 +427,6 @@ class Ingest:
         self.hash_ttl = hash_ttl
         self.rejected_exchange = rejected_exchange
         self.last_retm_error: dict[str, Any] | None = None
-        #: RETM error webhooks published since the start (each arrival counts)
-        self.retm_errors = 0
         #: quarantine counters since the start: kept, duplicates (a retry of a kept body)
         self.quarantined = 0
         self.quarantine_duplicates = 0
@@ -535,37 +526,63 @@ class Ingest:
             "key": key,
             "routing_key": route.routing_key,
         }
-        try:
-            verdict = await self.dedup.claim(key)
-        except StoreUnavailable as exc:
-            return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
-        if verdict is Verdict.DUPLICATE:
+        envelope = Envelope(hook.raw, route, key, event, hook.received_at, headers)
+        # RETM's error webhook is never deduplicated (its key is unique per arrival anyway)
+        deduplicate = event != DELIVERY_ERROR
+        outcome = await self._deliver_once(
+            envelope, ttl, deduplicate, route_name, started, log_fields
+        )
+        if isinstance(outcome, web.Response):
+            return outcome
+        if outcome == "duplicate":
             self.metrics.duplicate()
             return self._answer(route_name, "duplicate", answer, started, log_fields)
-        if verdict is Verdict.FAILED:
-            return self._unavailable(
-                route_name,
-                "first_attempt_failed",
-                "an earlier delivery of this event failed",
-                started,
-                log_fields,
-            )
+        if event == DELIVERY_ERROR:
+            self.metrics.retm_error()
+            self._remember_retm_error(body, hook.received_at)
+        return self._answer(route_name, outcome, answer, started, log_fields)
+
+    async def _deliver_once(
+        self,
+        envelope: Envelope,
+        ttl: float | None,
+        deduplicate: bool,
+        route_name: str,
+        started: float,
+        log_fields: dict[str, str],
+    ) -> str | web.Response:
+        """Make ``envelope`` durable once: claim its message_id in the dedup store (unless
+        ``deduplicate`` is False), deliver, commit the key for ``ttl`` seconds (None: the
+        store's TTL), or release it on failure. The outcome, ``accepted``, ``spooled`` or
+        ``duplicate``; or the 503 to answer when it could not be made durable."""
+        key = envelope.message_id
+        if deduplicate:
+            try:
+                verdict = await self.dedup.claim(key)
+            except StoreUnavailable as exc:
+                return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
+            if verdict is Verdict.DUPLICATE:
+                return "duplicate"
+            if verdict is Verdict.FAILED:
+                return self._unavailable(
+                    route_name,
+                    "first_attempt_failed",
+                    "an earlier delivery of this event failed",
+                    started,
+                    log_fields,
+                )
         committed = False
         try:
-            envelope = Envelope(hook.raw, route, key, event, hook.received_at, headers)
             outcome = await self.deliver(envelope)
-            await self.dedup.commit(key, ttl)
+            if deduplicate:
+                await self.dedup.commit(key, ttl)
             committed = True
         except BrokerUnavailable as exc:
             return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
         finally:
-            if not committed:
+            if deduplicate and not committed:
                 await self.dedup.release(key)
-        if event == DELIVERY_ERROR:
-            self.retm_errors += 1
-            self.metrics.retm_error()
-            self._remember_retm_error(body, hook.received_at)
-        return self._answer(route_name, outcome, answer, started, log_fields)
+        return outcome
 
     async def _quarantine(
         self, rej: Rejection, refused: Refused, route_name: str, started: float
@@ -588,40 +605,23 @@ class Ingest:
         if principal.business is not None:
             headers["x-retm-business"] = principal.business
         log_fields = {"route": route_name, "key": key, "reason": rej.code}
-        try:
-            verdict = await self.dedup.claim(key)
-        except StoreUnavailable as exc:
-            return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
-        if verdict is Verdict.DUPLICATE:
+        envelope = Envelope(
+            refused.raw,
+            Route(self.rejected_exchange, rej.code),  # the reason as routing key
+            key,
+            "rejected",
+            received_at,
+            headers,
+        )
+        outcome = await self._deliver_once(
+            envelope, self.hash_ttl, True, route_name, started, log_fields
+        )
+        if isinstance(outcome, web.Response):
+            return outcome
+        if outcome == "duplicate":
             self.quarantine_duplicates += 1
             self.metrics.quarantined(rej.code, "duplicate")
             return "duplicate", key
-        if verdict is Verdict.FAILED:
-            return self._unavailable(
-                route_name,
-                "first_attempt_failed",
-                "an earlier delivery of this body failed",
-                started,
-                log_fields,
-            )
-        committed = False
-        try:
-            envelope = Envelope(
-                refused.raw,
-                Route(self.rejected_exchange, rej.code),  # the reason as routing key
-                key,
-                "rejected",
-                received_at,
-                headers,
-            )
-            outcome = await self.deliver(envelope)
-            await self.dedup.commit(key, self.hash_ttl)
-            committed = True
-        except BrokerUnavailable as exc:
-            return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
-        finally:
-            if not committed:
-                await self.dedup.release(key)
         self.quarantined += 1
         self.metrics.quarantined(rej.code, outcome)
         self.last_quarantined = {
