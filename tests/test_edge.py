@@ -530,3 +530,29 @@ async def test_quarantine_is_declared_like_the_unrouted_destination(
         assert message.body == name.encode()
         await message.ack()
     await channel.close()
+
+
+async def test_error_answers_never_carry_request_bytes(relay: RunningRelay) -> None:
+    """A token put in the path (404) or the method of a 405 never comes back in the answer:
+    the detail names neither (aiohttp's parser refuses methods it does not know, with the
+    JSON error body of a malformed request)."""
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    status_404, body_404 = await raw_exchange(
+        relay.url,
+        f"GET /retm/events/{secret} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n".encode(),
+    )
+    method = "PROPFIND"
+    status_405, body_405 = await raw_exchange(
+        relay.url,
+        f"{method} /retm/events HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n".encode(),
+    )
+
+    assert status_404 == b"HTTP/1.1 404 Not Found"
+    assert orjson.loads(body_404) == {"error": "not_found", "detail": "no such route"}
+    assert status_405 == b"HTTP/1.1 405 Method Not Allowed"
+    assert orjson.loads(body_405) == {
+        "error": "method_not_allowed",
+        "detail": "this method is not allowed here; use POST",
+    }
+    assert secret.encode() not in body_404
+    assert method.encode() not in body_405

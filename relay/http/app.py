@@ -98,17 +98,18 @@ class _AsHttp11:
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Answer the router's own errors (404, 405 ...) with the contract's JSON error body."""
+    """Answer the router's own errors (404, 405 ...) with the contract's JSON error body,
+    which never repeats the request's path or method (a token can hide in a path)."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return error_response(404, "not_found", f"no route for {request.path}")
+        return error_response(404, "not_found", "no such route")  # never the path: no echo
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return error_response(
             405,
             "method_not_allowed",
-            f"{request.method} is not allowed here; use {allowed}",
+            f"this method is not allowed here; use {allowed}",
             {hdrs.ALLOW: allowed},
         )
     except web.HTTPException as exc:
