@@ -14,9 +14,11 @@ Field names used here come from RETM's notification hooks (docs/retm.md, "Invoic
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -27,13 +29,14 @@ import orjson
 import structlog
 from aiohttp import hdrs, http_exceptions, web
 
-from relay.amqp.publish import Envelope
-from relay.dedup.memory import DedupStore, Verdict, dedup_key
+from relay import json_body
+from relay.amqp.publish import REJECTED_REASON_HEADER, Envelope
+from relay.dedup.memory import DedupStore, Verdict, body_reference, dedup_key
 from relay.errors import BrokerUnavailable, StoreUnavailable
 from relay.http.auth import Principal, TokenAuthenticator
 from relay.logs import iso_utc_millis
 from relay.metrics import Metrics
-from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Router, event_name
+from relay.routing import DELIVERY_ERROR, UNRECOGNIZED, Route, Router, event_name
 
 log = structlog.get_logger("relay.ingest")
 
@@ -56,7 +59,9 @@ BrokerUnavailable. The publisher's confirmed publish, or the spool in front of i
 
 
 class Rejection(Exception):
-    """A 4xx answer: ``status``, machine-readable ``code`` and a short ``detail``."""
+    """A 4xx answer: ``status``, machine-readable ``code`` and a short ``detail`` (never
+    request bytes). ``refused`` is set when an authenticated body was refused as not JSON or
+    not an object: what the quarantine keeps."""
 
     def __init__(
         self, status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
@@ -66,6 +71,19 @@ class Rejection(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.refused: Refused | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An authenticated body refused with a 400 (``invalid_json``, ``not_object``,
+    ``too_deep``): who sent it, the bytes (decompressed, without a BOM), the declared
+    ``Content-Type`` (None when absent) and the receive time (Unix seconds)."""
+
+    principal: Principal
+    raw: bytes
+    content_type: str | None
+    received_at: float
 
 
 def error_response(
@@ -103,8 +121,15 @@ _WWW_AUTH = {
 
 
 def check_token(authenticator: TokenAuthenticator, request: web.BaseRequest) -> Principal:
-    """The request's principal; raises Rejection 401 with ``WWW-Authenticate: Bearer``."""
-    result = authenticator.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    """The request's principal; raises Rejection 401 with ``WWW-Authenticate: Bearer``, or
+    400 ``duplicate_authorization`` when the request has more than one Authorization header
+    (which one a proxy on the way honoured cannot be known)."""
+    values = request.headers.getall(hdrs.AUTHORIZATION, ())
+    if len(values) > 1:
+        raise Rejection(
+            400, "duplicate_authorization", "a request must have one Authorization header"
+        )
+    result = authenticator.authenticate(values[0] if values else None)
     if isinstance(result, Principal):
         return result
     detail = {
@@ -116,42 +141,77 @@ def check_token(authenticator: TokenAuthenticator, request: web.BaseRequest) -> 
 
 
 _media_type_cache: dict[str, bool] = {}
+#: charsets accepted with a JSON body: UTF-8, and ASCII (a subset; text/plain's default)
+_JSON_CHARSETS = _UTF8_NAMES | {"us-ascii", "ascii"}
 
 
-def _is_json_utf8(content_type: str) -> bool:
-    verdict = _media_type_cache.get(content_type)
+def _is_json_media(content_type: str, *, lenient: bool) -> bool:
+    key = f"{lenient:d}{content_type}"
+    verdict = _media_type_cache.get(key)
     if verdict is None:
         media, *params = content_type.split(";")
-        verdict = media.strip().lower() == "application/json"
+        media = media.strip().lower()
+        if lenient:
+            verdict = media in ("", "application/json", "text/plain") or (
+                media.startswith("application/") and media.endswith("+json")
+            )
+        else:
+            verdict = media == "application/json"
         for param in params:
             name, _, value = param.partition("=")
             if name.strip().lower() == "charset":
-                verdict = verdict and value.strip().strip('"').lower() in _UTF8_NAMES
+                verdict = verdict and value.strip().strip('"').lower() in _JSON_CHARSETS
         if len(_media_type_cache) < 256:
-            _media_type_cache[content_type] = verdict
+            _media_type_cache[key] = verdict
     return verdict
 
 
-def check_media_type(request: web.BaseRequest) -> None:
-    """``application/json`` in any letter case, with no charset or a UTF-8 one; else 415."""
-    content_type = request.headers.get(hdrs.CONTENT_TYPE)
-    if content_type is None or not _is_json_utf8(content_type):
-        raise Rejection(
-            415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
-        )
+def check_media_type(request: web.BaseRequest, *, lenient: bool = False) -> None:
+    """``application/json`` in any letter case, with no charset or a UTF-8 one; else 415.
 
-
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The body, decompressed per ``Content-Encoding`` (gzip, deflate), at most ``limit``
-    bytes before and after decompression, without a leading UTF-8 BOM.
-
-    Raises Rejection: 413 too large, 415 unsupported coding, 400 corrupt or truncated data.
+    lenient (an authenticated webhook sender, whose body is judged as JSON anyway): also no
+    ``Content-Type`` at all, ``text/plain`` and ``application/*+json``.
     """
-    coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
-    if coding not in ("", "identity") and coding not in _DECODERS:
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if content_type is None:
+        if lenient:
+            return
+    elif _is_json_media(content_type, lenient=lenient):
+        return
+    detail = (
+        "Content-Type must be application/json, application/*+json or text/plain (UTF-8)"
+        if lenient
+        else "Content-Type must be application/json (UTF-8)"
+    )
+    raise Rejection(415, "unsupported_media_type", detail)
+
+
+def content_codings(request: web.BaseRequest) -> list[str]:
+    """The request's content codings in the order they were applied: every
+    ``Content-Encoding`` header and every comma-separated entry, lower-cased, without
+    ``identity``. Raises Rejection 415 naming none of the request's bytes when one is not
+    gzip, x-gzip or deflate."""
+    codings = [
+        coding.strip().lower()
+        for header in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+        for coding in header.split(",")
+    ]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if any(coding not in _DECODERS for coding in codings):
         raise Rejection(
             415, "unsupported_encoding", "Content-Encoding must be gzip, deflate or identity"
         )
+    return codings
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The body, decompressed per ``Content-Encoding`` (gzip, deflate; several codings,
+    repeated headers included, are undone in reverse order), at most ``limit`` bytes before
+    and after each decompression, without a leading UTF-8 BOM.
+
+    Raises Rejection: 413 too large, 415 unsupported coding, 400 corrupt or truncated data.
+    """
+    codings = content_codings(request)
     too_large = Rejection(413, "payload_too_large", f"the body must be at most {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
@@ -161,7 +221,7 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise too_large from None
     except (OSError, http_exceptions.HttpProcessingError, aiohttp.ClientError):
         raise Rejection(400, "incomplete_body", "the body could not be read in full") from None
-    if coding in _DECODERS:
+    for coding in reversed(codings):
         raw = _decompress(raw, _DECODERS[coding], limit, too_large)
     if raw.startswith(BOM):
         raw = raw[3:]
@@ -192,14 +252,12 @@ def _decompress(data: bytes, wbits: int, limit: int, too_large: Rejection) -> by
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object; raises Rejection 400 ``invalid_json`` or ``not_object``."""
+    """The body as a JSON object (RFC 8259, see ``relay.json_body``); raises Rejection 400
+    ``invalid_json``, ``not_object`` or ``too_deep``."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Rejection(400, "invalid_json", f"the body is not valid JSON: {exc.msg}") from None
-    if not isinstance(body, dict):
-        raise Rejection(400, "not_object", "the body must be a JSON object")
-    return body
+        return json_body.parse_object(raw)
+    except json_body.BodyRefused as exc:
+        raise Rejection(400, exc.code, exc.detail) from None
 
 
 def _text(value: object) -> str | None:
@@ -256,6 +314,8 @@ class Ingest:
 
     deliver: makes an envelope durable (see ``Deliver``). dedup: the dedup store.
     max_body_bytes: ``http.max_body_bytes``. key_fields: ``dedup.key_fields``.
+    hash_ttl: seconds a key made from a body hash is remembered (``dedup.hash_ttl``).
+    rejected_exchange: the quarantine (``amqp.rejected_exchange``).
     """
 
     def __init__(
@@ -268,6 +328,8 @@ class Ingest:
         metrics: Metrics,
         max_body_bytes: int,
         key_fields: tuple[str, ...],
+        hash_ttl: float = 3600.0,
+        rejected_exchange: str = "retm.rejected",
     ) -> None:
         self.authenticator = authenticator
         self.router = router
@@ -276,15 +338,28 @@ class Ingest:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.key_fields = key_fields
+        self.hash_ttl = hash_ttl
+        self.rejected_exchange = rejected_exchange
         self.last_retm_error: dict[str, Any] | None = None
+        #: quarantine counters since the start: kept, duplicates (a retry of a kept body)
+        self.quarantined = 0
+        self.quarantine_duplicates = 0
+        self.last_quarantined: dict[str, Any] | None = None
 
     async def read_webhook(self, request: web.BaseRequest) -> Webhook:
-        """Authenticate and read a webhook request; raises Rejection."""
+        """Authenticate and read a webhook request; raises Rejection (with ``refused`` set
+        when the sender is authenticated and the body is not a JSON object)."""
         received_at = time.time()
         principal = check_token(self.authenticator, request)
-        check_media_type(request)
+        check_media_type(request, lenient=True)
         raw = await read_body(request, self.max_body_bytes)
-        return Webhook(principal, raw, parse_object(raw), received_at)
+        try:
+            body = parse_object(raw)
+        except Rejection as rej:
+            content_type = request.headers.get(hdrs.CONTENT_TYPE)
+            rej.refused = Refused(principal, raw, content_type, received_at)
+            raise
+        return Webhook(principal, raw, body, received_at)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """``POST /retm/events``: a notification hook (``order.*``, ``customer.*``, any event)."""
@@ -305,6 +380,12 @@ class Ingest:
             try:
                 hook = await self.read_webhook(request)
             except Rejection as rej:
+                kept: dict[str, str] = {}
+                if rej.refused is not None:
+                    outcome = await self._quarantine(rej, rej.refused, route_name, started)
+                    if isinstance(outcome, web.Response):
+                        return outcome  # 503: the copy could not be made durable
+                    kept = {"quarantine": outcome[0], "message_id": outcome[1]}
                 metrics.rejected(rej.code)
                 metrics.request(route_name, "rejected", time.perf_counter() - started)
                 log.warning(
@@ -314,6 +395,7 @@ class Ingest:
                     reason=rej.code,
                     detail=rej.detail,
                     remote=request.remote,
+                    **kept,
                 )
                 return error_response(rej.status, rej.code, rej.detail, rej.headers)
             if fixed_event is None:
@@ -336,7 +418,14 @@ class Ingest:
         body, principal = hook.body, hook.principal
         business, mismatch = merchant(principal, body)
         route = self.router.route(event, business, body.get("branch_id"))
-        key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
+        if event == DELIVERY_ERROR:
+            # RETM's error webhook has no id, and the same alert may rightly come again: each
+            # arrival is its own event (never answered "duplicate"), with a message_id of its own
+            key, ttl = f"{principal.id}:{event}:arrival-{uuid.uuid4().hex}", None
+        else:
+            key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
+            referenced = body_reference(body, self.key_fields) is not None
+            ttl = None if referenced else self.hash_ttl
         headers = contract_headers(event, business, body, hook.received_at)
         if mismatch is not None:
             headers[MISMATCH_HEADER] = mismatch
@@ -351,35 +440,122 @@ class Ingest:
             "key": key,
             "routing_key": route.routing_key,
         }
-        try:
-            verdict = await self.dedup.claim(key)
-        except StoreUnavailable as exc:
-            return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
-        if verdict is Verdict.DUPLICATE:
+        envelope = Envelope(hook.raw, route, key, event, hook.received_at, headers)
+        # RETM's error webhook is never deduplicated (its key is unique per arrival anyway)
+        deduplicate = event != DELIVERY_ERROR
+        outcome = await self._deliver_once(
+            envelope, ttl, deduplicate, route_name, started, log_fields
+        )
+        if isinstance(outcome, web.Response):
+            return outcome
+        if outcome == "duplicate":
             self.metrics.duplicate()
             return self._answer(route_name, "duplicate", answer, started, log_fields)
-        if verdict is Verdict.FAILED:
-            return self._unavailable(
-                route_name,
-                "first_attempt_failed",
-                "an earlier delivery of this event failed",
-                started,
-                log_fields,
-            )
+        if event == DELIVERY_ERROR:
+            self.metrics.retm_error()
+            self._remember_retm_error(body, hook.received_at)
+        return self._answer(route_name, outcome, answer, started, log_fields)
+
+    async def _deliver_once(
+        self,
+        envelope: Envelope,
+        ttl: float | None,
+        deduplicate: bool,
+        route_name: str,
+        started: float,
+        log_fields: dict[str, str],
+    ) -> str | web.Response:
+        """Make ``envelope`` durable once: claim its message_id in the dedup store (unless
+        ``deduplicate`` is False), deliver, commit the key for ``ttl`` seconds (None: the
+        store's TTL), or release it on failure. The outcome, ``accepted``, ``spooled`` or
+        ``duplicate``; or the 503 to answer when it could not be made durable."""
+        key = envelope.message_id
+        if deduplicate:
+            try:
+                verdict = await self.dedup.claim(key)
+            except StoreUnavailable as exc:
+                return self._unavailable(route_name, "dedup_store", str(exc), started, log_fields)
+            if verdict is Verdict.DUPLICATE:
+                return "duplicate"
+            if verdict is Verdict.FAILED:
+                return self._unavailable(
+                    route_name,
+                    "first_attempt_failed",
+                    "an earlier delivery of this event failed",
+                    started,
+                    log_fields,
+                )
         committed = False
         try:
-            envelope = Envelope(hook.raw, route, key, event, hook.received_at, headers)
             outcome = await self.deliver(envelope)
-            await self.dedup.commit(key)
+            if deduplicate:
+                await self.dedup.commit(key, ttl)
             committed = True
         except BrokerUnavailable as exc:
             return self._unavailable(route_name, exc.reason, str(exc), started, log_fields)
         finally:
-            if not committed:
+            if deduplicate and not committed:
                 await self.dedup.release(key)
-        if event == DELIVERY_ERROR:
-            self._remember_retm_error(body, hook.received_at)
-        return self._answer(route_name, outcome, answer, started, log_fields)
+        return outcome
+
+    async def _quarantine(
+        self, rej: Rejection, refused: Refused, route_name: str, started: float
+    ) -> tuple[str, str] | web.Response:
+        """Keep a refused body on the quarantine exchange, deduplicated by its SHA-256 for
+        ``hash_ttl``. Once it is durable, or was kept already: (outcome, message_id), outcome
+        ``accepted``, ``spooled`` or ``duplicate``, and the caller answers the 400. When it
+        cannot be made durable: the 503 to answer instead (RETM retries; nothing is lost)."""
+        received_at = refused.received_at
+        principal = refused.principal
+        key = f"{principal.id}:rejected:sha256-{hashlib.sha256(refused.raw).hexdigest()}"
+        headers: dict[str, Any] = {
+            REJECTED_REASON_HEADER: rej.code,
+            "x-relay-rejected-detail": rej.detail[:MAX_HEADER_VALUE],
+            "x-relay-route": route_name,
+            "x-relay-received-at": iso_utc_millis(received_at),
+        }
+        if refused.content_type is not None:
+            headers["x-relay-content-type"] = refused.content_type[:MAX_HEADER_VALUE]
+        if principal.business is not None:
+            headers["x-retm-business"] = principal.business
+        log_fields = {"route": route_name, "key": key, "reason": rej.code}
+        envelope = Envelope(
+            refused.raw,
+            Route(self.rejected_exchange, rej.code),  # the reason as routing key
+            key,
+            "rejected",
+            received_at,
+            headers,
+        )
+        outcome = await self._deliver_once(
+            envelope, self.hash_ttl, True, route_name, started, log_fields
+        )
+        if isinstance(outcome, web.Response):
+            return outcome
+        if outcome == "duplicate":
+            self.quarantine_duplicates += 1
+            self.metrics.quarantined(rej.code, "duplicate")
+            return "duplicate", key
+        self.quarantined += 1
+        self.metrics.quarantined(rej.code, outcome)
+        self.last_quarantined = {
+            "reason": rej.code,
+            "route": route_name,
+            "bytes": len(refused.raw),
+            "message_id": key,
+            "received_at": received_at,
+        }
+        return outcome, key
+
+    def quarantine_status(self) -> dict[str, Any]:
+        """The ``/health`` section ``quarantine``: the exchange, how many refused bodies were
+        kept and how many retries of one were recognised since the start, and the last one."""
+        return {
+            "exchange": self.rejected_exchange,
+            "kept": self.quarantined,
+            "duplicates": self.quarantine_duplicates,
+            "last": self.last_quarantined,
+        }
 
     def _answer(
         self,

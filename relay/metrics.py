@@ -122,6 +122,20 @@ class Metrics:
             "flagged with x-relay-business-mismatch).",
             registry=r,
         )
+        self._quarantined = Counter(
+            "relay_quarantined",
+            "Authenticated bodies refused as not JSON objects (400), by reason, and what became "
+            "of their copy on the quarantine exchange: accepted (confirmed), spooled, or "
+            "duplicate (a retry of a body already kept).",
+            ["reason", "outcome"],
+            registry=r,
+        )
+        self._retm_errors = Counter(
+            "relay_retm_error_webhooks",
+            "RETM error webhooks published (each arrival; never deduplicated). Exported at 0 "
+            "from the start, so that the first one is an increase.",
+            registry=r,
+        )
         self._installs = Counter(
             "relay_installs",
             "RETM install callbacks by outcome (accepted, rejected, forbidden, unavailable).",
@@ -231,6 +245,16 @@ class Metrics:
         self._child(self._rejected, reason).inc()
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
         self.per_minute.add("rejected")
+
+    def quarantined(self, reason: str, outcome: str) -> None:
+        """A refused body (``reason``: ``invalid_json``, ``not_object``, ``too_deep``) kept on
+        the quarantine exchange (``outcome`` ``accepted`` or ``spooled``), or recognised as a
+        retry of one already kept (``duplicate``)."""
+        self._child(self._quarantined, reason, outcome).inc()
+
+    def retm_error(self) -> None:
+        """One arrival of RETM's error webhook, published."""
+        self._retm_errors.inc()
 
     def unavailable(self, reason: str) -> None:
         """A request answered 503 because the event could not be made durable."""

@@ -23,6 +23,7 @@ from aiohttp import web
 from relay import __version__
 from relay.errors import ConfigError, RelayError
 from relay.http.app import HEALTH, METRICS, SPOOL, make_app
+from relay.http.protocol import JsonErrorRunner
 from relay.http.tls import CertificateStore
 from relay.settings import Settings
 from relay.systemd import Notifier
@@ -68,7 +69,7 @@ class Relay:
         self.app = make_app(settings, worker=worker, **app_options)
         #: the HTTPS certificate (http.tls_cert/http.tls_key), loaded by ``start``
         self.certificates: CertificateStore | None = None
-        self.runner = web.AppRunner(
+        self.runner = JsonErrorRunner(
             self.app,
             access_log=None,
             auto_decompress=False,  # the ingest stage decompresses, bounded by max_body_bytes

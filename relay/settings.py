@@ -114,6 +114,7 @@ class AmqpSettings:
     exchange: str = "retm.events"
     exchanges: dict[str, str] = field(default_factory=dict)
     unrouted_exchange: str = "retm.unrouted"
+    rejected_exchange: str = "retm.rejected"
     routing_key_template: str = "{event}"
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
@@ -141,10 +142,17 @@ class DedupSettings:
     Redis at ``redis_url``; ``redis_timeout`` (seconds) bounds connecting and each command, and
     ``on_store_failure`` says what happens while Redis cannot be reached: ``reject`` answers 503
     with Retry-After, ``local`` falls back to the in-memory store of this process.
+
+    ``hash_ttl`` (seconds; ``ttl`` when that is shorter) is how long a key made from the body's
+    SHA-256 (an event without a reference, a quarantined body) is remembered: long enough to
+    absorb RETM's retries of one delivery (three attempts, each given 10 s, retried within
+    minutes), short enough that the same body sent again later as a new event is published
+    again.
     """
 
     backend: Literal["memory", "redis"] = "memory"
     ttl: float = 86_400.0
+    hash_ttl: float = 3_600.0
     max_entries: int = 1_000_000
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     key_fields: tuple[str, ...] = ("reference",)
@@ -601,6 +609,7 @@ def validate(s: Settings) -> None:
     for key, name in (
         ("amqp.exchange", s.amqp.exchange),
         ("amqp.unrouted_exchange", s.amqp.unrouted_exchange),
+        ("amqp.rejected_exchange", s.amqp.rejected_exchange),
         *((f"amqp.exchanges.{k}", v) for k, v in s.amqp.exchanges.items()),
     ):
         _check(bool(_NAME_RE.fullmatch(name)), key, "must be 1-255 of letters, digits, '_.:-'")
@@ -609,6 +618,12 @@ def validate(s: Settings) -> None:
         s.amqp.unrouted_exchange not in {s.amqp.exchange, *s.amqp.exchanges.values()},
         "amqp.unrouted_exchange",
         "must differ from the event exchanges",
+    )
+    _check(
+        s.amqp.rejected_exchange
+        not in {s.amqp.exchange, *s.amqp.exchanges.values(), s.amqp.unrouted_exchange},
+        "amqp.rejected_exchange",
+        "must differ from the event exchanges and amqp.unrouted_exchange",
     )
     fields = set(re.findall(r"\{([^{}]*)\}", s.amqp.routing_key_template))
     _check(
@@ -629,6 +644,7 @@ def validate(s: Settings) -> None:
     _check(0 <= s.amqp.heartbeat <= 600, "amqp.heartbeat", "must be in [0, 600] seconds")
 
     _check(s.dedup.ttl > 0, "dedup.ttl", "must be positive")
+    _check(s.dedup.hash_ttl > 0, "dedup.hash_ttl", "must be positive")
     _check(s.dedup.max_entries >= 1, "dedup.max_entries", "must be at least 1")
     try:
         parse_redis_url(s.dedup.redis_url.value)
@@ -697,7 +713,12 @@ def dead_letter_exchange(s: Settings) -> str:
 
 def _validate_consumers(s: Settings) -> None:
     key = "consumers.queues"
-    relay_exchanges = {s.amqp.exchange, *s.amqp.exchanges.values(), s.amqp.unrouted_exchange}
+    relay_exchanges = {
+        s.amqp.exchange,
+        *s.amqp.exchanges.values(),
+        s.amqp.unrouted_exchange,
+        s.amqp.rejected_exchange,
+    }
     dlx = dead_letter_exchange(s)
     _check(
         bool(_NAME_RE.fullmatch(dlx)) and not dlx.startswith("amq."),
@@ -723,6 +744,11 @@ def _validate_consumers(s: Settings) -> None:
                 name != s.amqp.unrouted_exchange,
                 key,
                 f"queue {name!r} is the relay's unrouted queue",
+            )
+            _check(
+                name != s.amqp.rejected_exchange,
+                key,
+                f"queue {name!r} is the relay's quarantine queue",
             )
             names.add(name)
         _check(bool(queue.bindings), key, f"queue {queue.name!r} needs at least one binding")

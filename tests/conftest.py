@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from multidict import CIMultiDict
 
 from relay.service import Relay
 from relay.settings import Settings, load_settings
@@ -68,6 +69,16 @@ class Names:
     @property
     def unrouted(self) -> str:
         return f"{self.prefix}.unrouted"
+
+    @property
+    def rejected(self) -> str:
+        """The quarantine exchange and queue (``amqp.rejected_exchange``)."""
+        return f"{self.prefix}.rejected"
+
+    @property
+    def own(self) -> tuple[str, str]:
+        """The relay's own exchange-and-queue names: unrouted, rejected."""
+        return (self.unrouted, self.rejected)
 
     def __call__(self, suffix: str) -> str:
         return f"{self.prefix}.{suffix}"
@@ -172,7 +183,7 @@ async def broker() -> AsyncIterator[Broker]:
 def names(broker: Broker) -> Names:
     """Unique names for the test; the relay topology under them is deleted afterwards."""
     n = Names()
-    broker.forget_later(exchanges=(n.exchange, n.unrouted), queues=(n.unrouted,))
+    broker.forget_later(exchanges=(n.exchange, *n.own), queues=n.own)
     return n
 
 
@@ -207,8 +218,9 @@ class RunningRelay:
         content_type: str | None = "application/json",
         headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """POST raw ``body`` bytes; returns status, parsed JSON body (or text) and headers."""
-        all_headers = dict(headers or {})
+        """POST raw ``body`` bytes; returns status, parsed JSON body (or text) and headers.
+        ``headers`` may repeat a name (a CIMultiDict): every value is sent."""
+        all_headers: CIMultiDict[str] = CIMultiDict(headers or {})
         if token is not None:
             all_headers.setdefault("Authorization", f"Bearer {token}")
         if content_type is not None:
@@ -248,6 +260,7 @@ def relay_environ(names: Names, state_dir: Path, **overrides: str) -> dict[str, 
         "RELAY_AMQP_URL": AMQP_URL,
         "RELAY_AMQP_EXCHANGE": names.exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": names.unrouted,
+        "RELAY_AMQP_REJECTED_EXCHANGE": names.rejected,
         "RELAY_STATE_DIR": str(state_dir),
         "RELAY_HTTP_SHUTDOWN_TIMEOUT": "10",
     }
@@ -269,10 +282,8 @@ async def start_relay(broker: Broker, names: Names, tmp_path: Path) -> AsyncIter
     async def start(*, wait_durable: bool = True, **overrides: str) -> RunningRelay:
         environ = relay_environ(names, tmp_path / f"state{len(running)}", **overrides)
         settings = load_settings(None, environ)
-        broker.forget_later(
-            exchanges=(settings.amqp.exchange, settings.amqp.unrouted_exchange),
-            queues=(settings.amqp.unrouted_exchange,),
-        )
+        own = (settings.amqp.unrouted_exchange, settings.amqp.rejected_exchange)
+        broker.forget_later(exchanges=(settings.amqp.exchange, *own), queues=own)
         relay = Relay(settings)
         await relay.start()
         r = RunningRelay(relay, session)

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 
 from tests.conftest import TOKEN, Broker, Names, RelayProcess, relay_environ
@@ -50,11 +51,12 @@ async def raw_request(url: str, data: bytes) -> bytes:
 async def test_malformed_http_is_one_warning_line_without_the_bytes(
     request_bytes: bytes, broker: Broker, names: Names, tmp_path: Path
 ) -> None:
-    """The answer is a 400; the log has exactly one line for it, ``http.bad_request`` at
+    """The answer is a 400 with the short JSON error body, no byte of the request in it; the
+    log has exactly one line for it, ``http.bad_request`` at
     WARNING with the client's address and the parser's error class, no traceback, and no
     trace of the token anywhere in the relay's output; ``relay_rejected_total`` counts it
     with reason ``bad_http``."""
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
     relay = await RelayProcess(relay_environ(names, tmp_path / "state")).start()
     try:
         await relay.wait_log("relay.ready")
@@ -66,6 +68,12 @@ async def test_malformed_http_is_one_warning_line_without_the_bytes(
         await relay.kill()
 
     assert answer.startswith((b"HTTP/1.0 400 Bad Request\r\n", b"HTTP/1.1 400 Bad Request\r\n"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: application/json" in head
+    error = orjson.loads(body)
+    assert error["error"] == "bad_request"
+    assert error["detail"] == f"malformed HTTP request ({line['reason']})"
+    assert TOKEN.encode() not in answer
     new = relay.lines[before:]
     assert new == [line]
     assert line["level"] == "warning"

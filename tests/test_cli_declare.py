@@ -22,14 +22,15 @@ def env(tmp_path: Path, names: Names, broker: Broker) -> dict[str, str]:
     config.write_text("")
     erp, crm = names("erp"), names("crm")
     broker.forget_later(
-        exchanges=(names.exchange, names.unrouted, f"{names.exchange}.dlx"),
-        queues=(names.unrouted, erp, f"{erp}.dead", crm, f"{crm}.dead"),
+        exchanges=(names.exchange, *names.own, f"{names.exchange}.dlx"),
+        queues=(*names.own, erp, f"{erp}.dead", crm, f"{crm}.dead"),
     )
     return cli_environ(
         config,
         RELAY_AMQP_URL=AMQP_URL,
         RELAY_AMQP_EXCHANGE=names.exchange,
         RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
         RELAY_CONSUMERS_QUEUES=f"{erp}=order.#,{erp}=customer.created,{crm}=customer.*",
     )
 
@@ -61,6 +62,15 @@ async def test_declare_creates_everything_and_prints_what_exists(
         ["exchange", x, "topic", "-", "-", "events"],
         ["exchange", names.unrouted, "fanout", "-", "-", "events no queue was bound for"],
         ["queue", names.unrouted, "quorum", "0", "0", f"bound to {names.unrouted}"],
+        [
+            "exchange",
+            names.rejected,
+            "fanout",
+            "-",
+            "-",
+            "quarantine: authenticated bodies refused as not JSON objects",
+        ],
+        ["queue", names.rejected, "quorum", "0", "0", f"bound to {names.rejected}"],
         ["exchange", dlx, "direct", "-", "-", "dead letters of the queues below"],
         [
             "queue",

@@ -43,6 +43,7 @@ def env(tmp_path: Path, names: Names) -> dict[str, str]:
         RELAY_AMQP_URL=AMQP_URL,
         RELAY_AMQP_EXCHANGE=names.exchange,
         RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
     )
 
 
@@ -131,6 +132,24 @@ async def test_tail_unrouted_exchange_shows_the_intended_routing_key(
         result.stdout
         == ORDER_LINE.replace("order.created        ", "order.created (unrouted) ") + "\n"
     )
+
+
+async def test_tail_rejected_watches_the_quarantine(
+    relay: RunningRelay, env: dict[str, str], names: Names
+) -> None:
+    """``tail --rejected`` binds to the quarantine: a refused body is one line with the reason
+    it was refused; ``--json`` would show its bytes and headers."""
+    tail = await CliProcess.start("tail", "--rejected", "--count", "1", env=env)
+    try:
+        await tail.stderr_line("listening on")
+        assert (await relay.event(b"[1,2,3]")).status == 400
+        result = await tail.finish(sig=None)
+    finally:
+        await tail.kill()
+
+    assert result.code == 0, result
+    assert result.stdout == f"{'not_object (rejected)':<20} {'-':<14} {'-':<36} 7 bytes\n"
+    assert f"bound to {names.rejected} with '#'" in result.stderr
 
 
 async def test_tail_fails_when_the_broker_does_not_answer(env: dict[str, str]) -> None:

@@ -59,6 +59,7 @@ def test_consumer_queues_from_the_environment() -> None:
         ({"RELAY_CONSUMERS_QUEUES": "amq.x=#"}, "queue name 'amq.x' is reserved"),
         ({"RELAY_CONSUMERS_QUEUES": "a=#,a.dead=#"}, "queue 'a.dead' is listed twice"),
         ({"RELAY_CONSUMERS_QUEUES": "retm.unrouted=#"}, "is the relay's unrouted queue"),
+        ({"RELAY_CONSUMERS_QUEUES": "retm.rejected=#"}, "is the relay's quarantine queue"),
         (
             {"RELAY_CONSUMERS_DEAD_LETTER_EXCHANGE": "retm.events"},
             "consumers.dead_letter_exchange: must differ from the relay's exchanges",

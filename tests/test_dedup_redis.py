@@ -77,6 +77,25 @@ async def test_commit_on_one_instance_is_a_duplicate_on_another(
     assert TTL * 1000 - 60_000 < pttl <= TTL * 1000
 
 
+async def test_a_commit_with_its_own_ttl_keeps_the_key_that_long(
+    make_store: Any, raw_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """``commit(key, ttl)`` (a body-hash key, ``dedup.hash_ttl``) sets that TTL in Redis, in
+    the same batch as a commit with the store's TTL."""
+    store = await make_store()
+    assert await store.claim("hashed") is Verdict.CLAIMED
+    assert await store.claim("referenced") is Verdict.CLAIMED
+
+    await store.commit("hashed", 90.0)
+    await store.commit("referenced")
+    await store.flush()
+
+    hashed = await raw_redis.pttl(f"{redis_prefix}hashed")
+    referenced = await raw_redis.pttl(f"{redis_prefix}referenced")
+    assert 80_000 < hashed <= 90_000
+    assert TTL * 1000 - 60_000 < referenced <= TTL * 1000
+
+
 async def test_release_lets_another_instance_claim(
     make_store: Any, raw_redis: redis.asyncio.Redis, redis_prefix: str
 ) -> None:

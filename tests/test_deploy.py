@@ -207,7 +207,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     promtool = tool("promtool")
     check = run(promtool, "check", "rules", RULES)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 14 rules found" in check.stdout
+    assert "SUCCESS: 15 rules found" in check.stdout
     tests = run(promtool, "test", "rules", RULE_TESTS.name, cwd=RULE_TESTS.parent)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "SUCCESS" in tests.stdout
@@ -280,11 +280,11 @@ def vhost_url(vhost: str, user: str = "guest", password: str = "guest") -> str:
 
 # The broker permissions the README recommends for the relay's user (configure, write, read).
 RELAY_PERMISSIONS = (
-    r"^retm\.(events|unrouted)$",
-    r"^retm\.(events|unrouted)$",
-    r"^retm\.unrouted$",
+    r"^retm\.(events|unrouted|rejected)$",
+    r"^retm\.(events|unrouted|rejected)$",
+    r"^retm\.(unrouted|rejected)$",
 )
-RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted)$", "^$")
+RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted|rejected)$", "^$")
 
 
 @pytest.mark.slow
@@ -383,6 +383,7 @@ async def test_definitions_give_consumer_queues_with_dead_lettering(
                 "RELAY_AMQP_URL": vhost_url(private_vhost),
                 "RELAY_AMQP_EXCHANGE": "retm.events",
                 "RELAY_AMQP_UNROUTED_EXCHANGE": "retm.unrouted",
+                "RELAY_AMQP_REJECTED_EXCHANGE": "retm.rejected",
                 "RELAY_CONSUMERS_QUEUES": "erp.orders=order.#,crm.customers=customer.*",
             },
         )  # fmt: skip
@@ -408,6 +409,7 @@ async def test_definitions_give_consumer_queues_with_dead_lettering(
                 RELAY_AMQP_URL=vhost_url(private_vhost, user, password),
                 RELAY_AMQP_EXCHANGE="retm.events",
                 RELAY_AMQP_UNROUTED_EXCHANGE="retm.unrouted",
+                RELAY_AMQP_REJECTED_EXCHANGE="retm.rejected",
                 RELAY_AMQP_PASSIVE=passive,
             )
             relay = Relay(load_settings(None, environ))

@@ -82,8 +82,9 @@ BAD_BODIES = [
     pytest.param(b"null", {}, 400, "not_object", id="null"),
     pytest.param(GOOD + b"garbage", {}, 400, "invalid_json", id="trailing-garbage"),
     pytest.param(GOOD + b"{}", {}, 400, "invalid_json", id="two-objects"),
-    pytest.param(b'{"a":' * 2000 + b"1" + b"}" * 2000, {}, 400, "invalid_json", id="2000-deep"),
-    pytest.param(b'{"a":"\\ud800"}', {}, 400, "invalid_json", id="lone-surrogate"),
+    pytest.param(b'{"a":' * 2000 + b"1" + b"}" * 2000, {}, 400, "too_deep", id="2000-deep"),
+    pytest.param(b'{"a":"\\ud800","b":NaN}', {}, 400, "invalid_json", id="surrogate-and-nan"),
+    pytest.param(b'{"a":1e400,"b":-Infinity}', {}, 400, "invalid_json", id="big-and-infinity"),
     pytest.param(b"\xef\xbb\xbf\xef\xbb\xbf{}", {}, 400, "invalid_json", id="two-boms"),
     pytest.param(
         b"\x1f\x8b\x08\x00garbage",
@@ -125,7 +126,14 @@ BAD_BODIES = [
     ),
     pytest.param(GOOD, {"Content-Encoding": "br"}, 415, "unsupported_encoding", id="brotli"),
     pytest.param(
-        GOOD, {"Content-Encoding": "gzip, gzip"}, 415, "unsupported_encoding", id="two-codings"
+        GOOD, {"Content-Encoding": "gzip, br"}, 415, "unsupported_encoding", id="gzip-then-br"
+    ),
+    pytest.param(
+        gzip.compress(GOOD),
+        {"Content-Encoding": "gzip, gzip"},
+        400,
+        "bad_encoding",
+        id="gzip-claimed-twice-applied-once",
     ),
     pytest.param(b"{" + b" " * (1024 * 1024) + b"}", {}, 413, "payload_too_large", id="too-large"),
 ]
@@ -154,21 +162,23 @@ async def test_bad_bodies_get_4xx_and_publish_nothing(
 @pytest.mark.parametrize(
     "content_type",
     [
-        None,
-        "text/plain",
         "application/x-www-form-urlencoded",
         "multipart/form-data; boundary=x",
         "application/json; charset=latin-1",
         "application/json; charset=klingon",
+        "text/plain; charset=utf-16",
         "application/jsonx",
-        "application/vnd.api+json",
-        "",
+        "text/json",
+        "text/html",
+        "application/xml",
+        "application/vnd.api+jsonx",
     ],
 )
 async def test_other_media_types_get_415(
     relay: RunningRelay, broker: Broker, names: Names, content_type: str | None
 ) -> None:
-    """Anything but application/json (UTF-8) is 415, including a form body."""
+    """Anything but a JSON media type (application/json, application/*+json, text/plain or
+    none, UTF-8) is 415, including a form body."""
     tap = await broker.tap(names.exchange)
     body = b"event=order.created&reference=r" if content_type and "form" in content_type else GOOD
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import json
+import re
 import zlib
 from datetime import UTC, datetime
 
@@ -80,15 +80,17 @@ async def test_notification_fixture_arrives_byte_identical(
 async def test_error_webhook_is_published_as_delivery_error(
     relay: RunningRelay, broker: Broker, names: Names
 ) -> None:
-    """RETM's error webhook goes to ``delivery.error``, keyed by the body's SHA-256, and shows
-    up as the last RETM error in /health."""
+    """RETM's error webhook goes to ``delivery.error`` with a message_id of its own arrival
+    (never the body's hash: the same alert again is a new alert), and shows up as the last
+    RETM error in /health."""
     tap = await broker.tap(names.exchange, "delivery.#")
     raw = fixture_bytes("error.webhook.json")
 
     answer = await relay.post("/retm/errors", raw)
 
-    key = f"{PRINCIPAL}:delivery.error:sha256-{hashlib.sha256(raw).hexdigest()}"
     assert answer.status == 200
+    key = answer.body["id"]
+    assert re.fullmatch(rf"{PRINCIPAL}:delivery\.error:arrival-[0-9a-f]{{32}}", key)
     assert answer.body == {"status": "accepted", "id": key, "routing_key": "delivery.error"}
     message = await tap.get()
     assert message.body == raw

@@ -30,6 +30,8 @@ def test_defaults_match_the_contract() -> None:
     assert s.auth.tokens == ()
     assert s.amqp.url.value == "amqp://guest:guest@127.0.0.1:5672/"
     assert (s.amqp.exchange, s.amqp.unrouted_exchange) == ("retm.events", "retm.unrouted")
+    assert s.amqp.rejected_exchange == "retm.rejected"
+    assert s.dedup.hash_ttl == 3600.0
     assert s.amqp.publish_timeout == 5.0
     assert (s.dedup.backend, s.dedup.ttl, s.dedup.max_entries) == ("memory", 86400.0, 1_000_000)
     assert s.dedup.redis_url.value == "redis://127.0.0.1:6379/0"
@@ -101,6 +103,9 @@ def test_state_directory_from_systemd() -> None:
         ({"RELAY_AMQP_URL": "http://x"}, "", "amqp.url"),
         ({"RELAY_AMQP_EXCHANGE": "amq.topic"}, "", "amqp.exchange"),
         ({"RELAY_AMQP_UNROUTED_EXCHANGE": "retm.events"}, "", "amqp.unrouted_exchange"),
+        ({"RELAY_AMQP_REJECTED_EXCHANGE": "retm.unrouted"}, "", "amqp.rejected_exchange"),
+        ({"RELAY_AMQP_REJECTED_EXCHANGE": "amq.fanout"}, "", "amqp.rejected_exchange"),
+        ({"RELAY_DEDUP_HASH_TTL": "0"}, "", "dedup.hash_ttl"),
         ({"RELAY_AMQP_ROUTING_KEY_TEMPLATE": "{business}"}, "", "amqp.routing_key_template"),
         ({"RELAY_AMQP_ROUTING_KEY_TEMPLATE": "{event}.{tenant}"}, "", "amqp.routing_key_template"),
         ({"RELAY_AMQP_PASSIVE": "maybe"}, "", "amqp.passive"),

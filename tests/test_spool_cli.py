@@ -35,7 +35,7 @@ def state(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cli(names: Names, state: Path, broker: Broker) -> Cli:
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
 
     async def run(*args: str, stdin: bytes = b"") -> Result:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}

@@ -31,7 +31,7 @@ Spawn = Callable[[dict[str, str]], Awaitable[RelayProcess]]
 @pytest.fixture
 async def spawn(broker: Broker, names: Names) -> AsyncIterator[Spawn]:
     processes: list[RelayProcess] = []
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
 
     async def start(environ: dict[str, str]) -> RelayProcess:
         p = await RelayProcess(environ).start()

@@ -83,7 +83,7 @@ async def test_kill_9_after_a_confirmed_event_keeps_its_retry_a_duplicate(
     """An event confirmed by the broker, with no other event after it: once its key is in the
     spool file the relay is killed with SIGKILL, and after a restart RETM's retry is answered
     ``duplicate`` and not published a second time."""
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
     environ = relay_environ(names, tmp_path / "state")
     tap = await broker.tap(names.exchange)
     event = b'{"event":"order.created","reference":"idle-kill-%s"}' % uuid.uuid4().hex.encode()

@@ -208,8 +208,8 @@ async def test_status_page_shows_what_health_says(
 ) -> None:
     """After real traffic, every number the page shows equals /health at that moment:
     readiness, broker link, events per minute by type, duplicates, rejections by reason,
-    unroutable, the last RETM error, the (empty) spool, version and uptime. A screenshot is
-    taken at that moment."""
+    unroutable, the last RETM error, the quarantine, the (empty) spool, version and uptime.
+    A screenshot is taken at that moment."""
     await broker.tap(names.exchange, "order.#")  # customer events stay unroutable
     first, second = fixture_bytes("order.created.json"), fixture_bytes("order.refunded.json")
     for body in (first, second, first, fixture_bytes("customer.created.json")):
@@ -244,6 +244,11 @@ async def test_status_page_shows_what_health_says(
         ("counters", "rejected_by_reason", "not_object"): "1",
         ("last_retm_error", "code"): "504",
         ("last_retm_error", "endpoint"): "https://hooks.example.com/retm/events",
+        ("quarantine", "exchange"): names.rejected,
+        ("quarantine", "kept"): "1",
+        ("quarantine", "duplicates"): "0",
+        ("quarantine", "last", "reason"): "not_object",
+        ("quarantine", "last", "bytes"): "3 B",
     }
     assert {path: values[path][0] for path in must_show} == must_show
     assert ("uptime_seconds",) in values
@@ -364,7 +369,7 @@ async def test_status_page_says_when_the_relay_is_gone(
 ) -> None:
     """When /health stops answering, the page says so and keeps the last values."""
     settings = load_settings(None, relay_environ(names, tmp_path / "state"))
-    broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+    broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
     relay = Relay(settings)
     await relay.start()
     try:

@@ -144,7 +144,7 @@ async def start_workers(
         )
         environ["NOTIFY_SOCKET"] = str(notify_path)
         environ["TMPDIR"] = runtime
-        broker.forget_later(exchanges=(names.exchange, names.unrouted), queues=(names.unrouted,))
+        broker.forget_later(exchanges=(names.exchange, *names.own), queues=names.own)
         process = await spawn_relay("serve", env=environ, stderr=asyncio.subprocess.STDOUT)
         group = Supervised(process, notify)
         started.append(group)

@@ -29,7 +29,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import aiormq
@@ -60,6 +60,8 @@ __all__ = [
     "APP_ID",
     "CONTENT_TYPE",
     "PERSISTENT",
+    "QUARANTINE_CONTENT_TYPE",
+    "REJECTED_REASON_HEADER",
     "SUSPECT_AFTER",
     "Envelope",
     "Publisher",
@@ -70,6 +72,10 @@ log = structlog.get_logger("relay.publish")
 
 APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
+#: the content type of a quarantined body (not JSON, or not an object: opaque bytes)
+QUARANTINE_CONTENT_TYPE = "application/octet-stream"
+#: the header that marks a quarantined body and says why it was refused
+REJECTED_REASON_HEADER = "x-relay-rejected-reason"
 PERSISTENT = 2
 #: publishes nacked in a row, none acked, after which the link is reset. A channel that opened
 #: while a quorum queue's leader had just died (a node killed) can go on nacking every publish
@@ -98,6 +104,15 @@ class Envelope:
     event: str
     received_at: float
     headers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_type(self) -> str:
+        """``application/json``; ``application/octet-stream`` for a quarantined body (one
+        with ``x-relay-rejected-reason``), which is not a JSON object. Derived from the
+        headers, so a spooled envelope keeps it."""
+        if REJECTED_REASON_HEADER in self.headers:
+            return QUARANTINE_CONTENT_TYPE
+        return CONTENT_TYPE
 
 
 class _Sender:
@@ -251,11 +266,14 @@ MIGRATE_HINT = (
 
 
 async def declare_relay_queue(
-    channel: aio_pika.abc.AbstractChannel, name: str, exchange: aio_pika.abc.AbstractExchange
+    channel: aio_pika.abc.AbstractChannel,
+    name: str,
+    exchange: aio_pika.abc.AbstractExchange | str,
 ) -> aio_pika.abc.AbstractQueue:
     """Declare one of the relay's own queues, durable with ``RELAY_QUEUE_ARGUMENTS``, and bind
-    it to ``exchange`` (a fanout: no routing key). Raises ChannelPreconditionFailed when a
-    queue of that name exists with other arguments (such as a classic queue)."""
+    it to ``exchange`` (a fanout, or its name: no routing key). Raises
+    ChannelPreconditionFailed when a queue of that name exists with other arguments (such as a
+    classic queue)."""
     queue = await channel.declare_queue(name, durable=True, arguments=RELAY_QUEUE_ARGUMENTS)
     await queue.bind(exchange)
     return queue
@@ -328,8 +346,9 @@ class Publisher(SupervisedLink[_Link]):
 
     async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Declare (or, with ``amqp.passive``, only check) the event exchanges, durable topic;
-        and the unrouted exchange (fanout) with its quorum queue of the same name
-        (``declare_relay_queue``).
+        and the relay's own exchanges, the unrouted one and the quarantine
+        (``amqp.rejected_exchange``), each fanout with its quorum queue of the same name (one
+        code path for both, ``_declare_own`` and ``declare_relay_queue``).
 
         Raises TopologyError naming the entity when it exists with another type or arguments,
         or is missing in passive mode. The channel is closed by the broker in that case.
@@ -343,17 +362,10 @@ class Publisher(SupervisedLink[_Link]):
                     await channel.get_exchange(name, ensure=True)
                 else:
                     await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-            entity = f"exchange {s.unrouted_exchange!r}"
-            if s.passive:
-                await channel.get_exchange(s.unrouted_exchange, ensure=True)
-                entity = f"queue {s.unrouted_exchange!r}"
-                await channel.get_queue(s.unrouted_exchange, ensure=True)
-            else:
-                unrouted = await channel.declare_exchange(
-                    s.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-                )
-                entity = f"queue {s.unrouted_exchange!r}"
-                await declare_relay_queue(channel, s.unrouted_exchange, unrouted)
+            for name in (s.unrouted_exchange, s.rejected_exchange):
+                for part in ("exchange", "queue"):
+                    entity = f"{part} {name!r}"
+                    await _declare_own(channel, part, name, passive=s.passive)
         except ChannelPreconditionFailed as exc:
             hint = f"; {MIGRATE_HINT}" if entity.startswith("queue") else ""
             raise TopologyError(
@@ -476,7 +488,7 @@ class Publisher(SupervisedLink[_Link]):
             envelope.route.routing_key,
             envelope.body,
             wire.properties(
-                content_type=CONTENT_TYPE,
+                content_type=envelope.content_type,
                 headers=headers,
                 delivery_mode=PERSISTENT,
                 message_id=envelope.message_id,
@@ -512,6 +524,29 @@ class Publisher(SupervisedLink[_Link]):
     def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
         if not confirmation.cancelled() and confirmation.exception() is None:
             self.metrics.late_confirm()
+
+
+async def _declare_own(
+    channel: aio_pika.abc.AbstractChannel,
+    part: Literal["exchange", "queue"],
+    name: str,
+    *,
+    passive: bool,
+) -> None:
+    """Declare one part of one of the relay's own destinations (the unrouted exchange, the
+    quarantine): the fanout ``exchange`` called ``name``, or its durable ``queue`` of the same
+    name, bound to it (a quorum queue: ``declare_relay_queue``). Both use this one path.
+    ``passive`` only checks that it exists. aiormq raises ChannelPreconditionFailed or
+    ChannelNotFoundEntity as for any declare."""
+    if part == "exchange":
+        if passive:
+            await channel.get_exchange(name, ensure=True)
+        else:
+            await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+    elif passive:
+        await channel.get_queue(name, ensure=True)
+    else:
+        await declare_relay_queue(channel, name, name)
 
 
 async def _settled(future: asyncio.Future[Any], deadline: float) -> bool:

@@ -186,7 +186,8 @@ async def declare(
 
 
 async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> list[Row]:
-    """Rows for the relay's own topology (event exchanges, the unrouted exchange and queue),
+    """Rows for the relay's own topology (event exchanges, the unrouted and the quarantine
+    exchanges with their queues),
     after ``Publisher.declare`` made or checked them on another channel."""
     amqp = settings.amqp
     rows = [
@@ -203,28 +204,24 @@ async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) 
         )
         for name in (amqp.exchange, *sorted(set(amqp.exchanges.values()) - {amqp.exchange}))
     ]
-    rows.append(
-        Row(
-            "exchange",
-            amqp.unrouted_exchange,
-            "fanout",
-            None,
-            None,
-            "events no queue was bound for",
-        )
+    own = (
+        (amqp.unrouted_exchange, "events no queue was bound for"),
+        (amqp.rejected_exchange, "quarantine: authenticated bodies refused as not JSON objects"),
     )
-    queue = await channel.declare_queue(amqp.unrouted_exchange, passive=True)
-    result = queue.declaration_result
-    rows.append(
-        Row(
-            "queue",
-            amqp.unrouted_exchange,
-            "exists" if amqp.passive else RELAY_QUEUE_ARGUMENTS["x-queue-type"],
-            result.message_count,
-            result.consumer_count,
-            f"bound to {amqp.unrouted_exchange}",
+    for name, purpose in own:
+        rows.append(Row("exchange", name, "fanout", None, None, purpose))
+        queue = await channel.declare_queue(name, passive=True)
+        result = queue.declaration_result
+        rows.append(
+            Row(
+                "queue",
+                name,
+                "exists" if amqp.passive else RELAY_QUEUE_ARGUMENTS["x-queue-type"],
+                result.message_count,
+                result.consumer_count,
+                f"bound to {name}",
+            )
         )
-    )
     return rows
 
 

@@ -146,7 +146,7 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
             run(
                 settings,
                 args.pattern,
-                exchange=args.exchange,
+                exchange=settings.amqp.rejected_exchange if args.rejected else args.exchange,
                 as_json=args.json,
                 count=args.count,
                 out=sys.stdout,
@@ -297,10 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
         "pattern", nargs="?", default="#", help="binding pattern (default #: every event)"
     )
     tail_p.add_argument("--json", action="store_true", help="print each whole message as JSON")
-    tail_p.add_argument(
+    where = tail_p.add_mutually_exclusive_group()
+    where.add_argument(
         "--exchange",
         help="bind to this exchange (default: the event exchange(s) the pattern needs; "
         "amqp.unrouted_exchange shows unrouted events)",
+    )
+    where.add_argument(
+        "--rejected",
+        action="store_true",
+        help="watch the quarantine (amqp.rejected_exchange): authenticated bodies refused as "
+        "not JSON objects, each with the reason it was refused",
     )
     tail_p.add_argument(
         "--count",

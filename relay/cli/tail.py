@@ -111,11 +111,14 @@ def summary(routing_key: str, body: bytes) -> str:
 
 def format_line(message: AbstractIncomingMessage) -> str:
     """One line for ``message``: routing key, business, reference, summary. A message from the
-    unrouted exchange shows the routing key it was meant for, marked ``(unrouted)``."""
+    unrouted exchange shows the routing key it was meant for, marked ``(unrouted)``; one from
+    the quarantine shows why it was refused (its routing key), marked ``(rejected)``."""
     headers: Mapping[str, Any] = message.headers or {}
     routing_key = message.routing_key or ""
     intended = headers.get("x-relay-routing-key")
     shown = f"{_text(intended)} (unrouted)" if intended is not None else routing_key
+    if "x-relay-rejected-reason" in headers:
+        shown = f"{_text(headers['x-relay-rejected-reason'])} (rejected)"
     business = _text(headers.get("x-retm-business")) or "-"
     reference = _text(headers.get("x-retm-reference")) or "-"
     key_for_summary = _text(intended) if intended is not None else routing_key

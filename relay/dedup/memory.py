@@ -40,9 +40,10 @@ class DedupStore(Protocol):
         """Claim ``key``; waits while another delivery of it is in flight."""
         ...
 
-    async def commit(self, key: str) -> None:
-        """Mark a claimed key delivered for the TTL. Never raises: a shared store that cannot
-        be written logs it and remembers the key locally (the event is durable already)."""
+    async def commit(self, key: str, ttl: float | None = None) -> None:
+        """Mark a claimed key delivered for ``ttl`` seconds (None: the store's TTL). Never
+        raises: a shared store that cannot be written logs it and remembers the key locally
+        (the event is durable already)."""
         ...
 
     async def release(self, key: str) -> None:
@@ -70,15 +71,7 @@ def dedup_key(
     Customer hook, docs/retm.md, "Identity fields"); otherwise the SHA-256 of ``raw`` in its place.
     A key that would be longer than 255 bytes uses the SHA-256 of its reference instead.
     """
-    reference: str | None = None
-    for name in key_fields:
-        value = body.get(name)
-        if isinstance(value, str) and value.strip():
-            reference = value
-            break
-        if isinstance(value, int) and not isinstance(value, bool):
-            reference = str(value)
-            break
+    reference = body_reference(body, key_fields)
     if reference is None:
         reference = "sha256-" + hashlib.sha256(raw).hexdigest()
     key = f"{principal}:{event}:{reference}"
@@ -88,6 +81,19 @@ def dedup_key(
         if len(key.encode()) > MAX_KEY_BYTES:
             key = f"{principal}:sha256-{hashlib.sha256(key.encode()).hexdigest()}"
     return key
+
+
+def body_reference(body: Mapping[str, object], key_fields: Iterable[str]) -> str | None:
+    """The event's own identity: the first of ``key_fields`` holding a non-empty string or an
+    integer, as text; None when there is none (the key is then made from the body's SHA-256,
+    kept only for ``dedup.hash_ttl``)."""
+    for name in key_fields:
+        value = body.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    return None
 
 
 def digest(key: str) -> bytes:
@@ -163,15 +169,20 @@ class MemoryDedupStore:
         expiry = self._delivered.get(digest(key))
         return expiry is not None and expiry > self._clock()
 
-    async def commit(self, key: str) -> None:
-        """Mark ``key`` delivered for ``ttl`` seconds and wake its waiters (as duplicates)."""
-        self.commit_now(key)
+    async def commit(self, key: str, ttl: float | None = None) -> None:
+        """Mark ``key`` delivered for ``ttl`` seconds (None: the store's ``ttl``; a shorter one
+        for keys made from a body hash, ``dedup.hash_ttl``) and wake its waiters (as
+        duplicates)."""
+        self.commit_now(key, ttl)
 
-    def commit_now(self, key: str) -> None:
+    def commit_now(self, key: str, ttl: float | None = None) -> None:
         """Synchronous ``commit``, for callers that cannot await (a publisher confirm callback)."""
         pending = self._pending.pop(key, None)
         d = digest(key) if pending is None else pending[1]
-        expiry = self._expiry(self._clock())
+        now = self._clock()
+        # A shorter TTL than the store's breaks the commit order of expiry times: such a key
+        # may stay in memory (expired, so no longer a duplicate) until the keys before it go.
+        expiry = self._expiry(now) if ttl is None or ttl >= self.ttl else int(now + ttl) + 1
         self._remember(d, expiry)
         if self._on_commit is not None:
             self._on_commit(d, expiry)

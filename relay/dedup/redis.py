@@ -70,14 +70,15 @@ POLL_MIN, POLL_MAX = 0.005, 0.1
 
 # One batch of operations, each atomic, applied in order. KEYS[i]: the Redis key of operation i.
 # ARGV[1] lease in ms, ARGV[2] ttl in ms, ARGV[3] the delivered marker; then for operation i,
-# ARGV[2 + 2i] its kind (c: claim, d: commit as delivered, r: release) and ARGV[3 + 2i] the owner.
+# ARGV[1 + 3i] its kind (c: claim, d: commit as delivered, r: release), ARGV[2 + 3i] the owner
+# and ARGV[3 + 3i] the ttl of a commit in ms ("" for the default ttl).
 # Replies, one per operation: claim: "" when the owner now holds the key, else what it held;
 # commit: 1, or 0 when another owner holds the key; release: 1 when deleted, else 0.
 _BATCH = """
 local lease, ttl, delivered = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 for i, key in ipairs(KEYS) do
-  local kind, owner = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local kind, owner, own_ttl = ARGV[1 + 3 * i], ARGV[2 + 3 * i], ARGV[3 + 3 * i]
   local held = redis.call('GET', key)
   if kind == 'c' then
     if held then
@@ -88,7 +89,7 @@ for i, key in ipairs(KEYS) do
     end
   elseif kind == 'd' then
     if held == owner or not held then
-      redis.call('SET', key, delivered, 'PX', ttl)
+      redis.call('SET', key, delivered, 'PX', own_ttl ~= '' and own_ttl or ttl)
       out[i] = 1
     elseif held == delivered then
       out[i] = 1
@@ -121,15 +122,18 @@ class _Batcher:
         self.redis = redis
         self.script = redis.register_script(_BATCH)
         self._head = (lease_ms, ttl_ms, DELIVERED)
-        self._queue: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[bytes, bytes, bytes, bytes, asyncio.Future[Any]]] = []
         self._sending: asyncio.Task[None] | None = None
         self._flush_soon = False
 
-    def call(self, kind: bytes, rkey: bytes, owner: bytes) -> asyncio.Future[Any]:
-        """Queue one operation for the next batch."""
+    def call(
+        self, kind: bytes, rkey: bytes, owner: bytes, ttl_ms: bytes = b""
+    ) -> asyncio.Future[Any]:
+        """Queue one operation for the next batch (``ttl_ms``: a commit's own TTL, in
+        milliseconds as ASCII digits; empty for the default)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((kind, rkey, owner, future))
+        self._queue.append((kind, rkey, owner, ttl_ms, future))
         if self._sending is None and not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush)
@@ -148,15 +152,17 @@ class _Batcher:
         if self._queue:
             self._flush()
 
-    async def _send(self, batch: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[bytes, bytes, bytes, bytes, asyncio.Future[Any]]]
+    ) -> None:
         try:
             if isinstance(self.redis, RedisCluster):
                 await self._send_by_slot(self.redis, batch)
                 return
-            keys = [rkey for _, rkey, _, _ in batch]
+            keys = [rkey for _, rkey, _, _, _ in batch]
             args: list[Any] = list(self._head)
-            for kind, _, owner, _ in batch:
-                args += (kind, owner)
+            for kind, _, owner, ttl_ms, _ in batch:
+                args += (kind, owner, ttl_ms)
             replies = await self.script(keys=keys, args=args)
         except (*STORE_ERRORS, asyncio.CancelledError) as exc:
             for *_, future in batch:
@@ -172,7 +178,9 @@ class _Batcher:
                 future.set_result(reply)
 
     async def _send_by_slot(
-        self, cluster: RedisCluster, batch: list[tuple[bytes, bytes, bytes, asyncio.Future[Any]]]
+        self,
+        cluster: RedisCluster,
+        batch: list[tuple[bytes, bytes, bytes, bytes, asyncio.Future[Any]]],
     ) -> None:
         """A Redis Cluster runs a script only on keys of one hash slot: one call of ``_BATCH``
         per slot the batch touches, all in one pipeline (one round trip per master, in
@@ -180,13 +188,13 @@ class _Batcher:
         hash tag puts them on one). A slot's error fails only that slot's operations; the
         operations of one slot stay in the order issued."""
         by_slot: dict[int, list[int]] = {}
-        for index, (_, rkey, _, _) in enumerate(batch):
+        for index, (_, rkey, _, _, _) in enumerate(batch):
             by_slot.setdefault(key_slot(rkey), []).append(index)
         pipe = cluster.pipeline()
         for indices in by_slot.values():
             args: list[Any] = list(self._head)
             for index in indices:
-                args += (batch[index][0], batch[index][2])
+                args += (batch[index][0], batch[index][2], batch[index][3])
             keys = [batch[index][1] for index in indices]
             pipe.eval(_BATCH, len(keys), *keys, *args)
         results = await pipe.execute(raise_on_error=False)
@@ -194,12 +202,12 @@ class _Batcher:
             if isinstance(result, BaseException):
                 error = result if isinstance(result, STORE_ERRORS) else RedisError(str(result))
                 for index in indices:
-                    if not batch[index][3].done():
-                        batch[index][3].set_exception(error)
+                    if not batch[index][4].done():
+                        batch[index][4].set_exception(error)
                 continue
             for index, reply in zip(indices, result, strict=True):
-                if not batch[index][3].done():
-                    batch[index][3].set_result(reply)
+                if not batch[index][4].done():
+                    batch[index][4].set_result(reply)
 
     async def drain(self) -> None:
         """Send what is queued and wait until every batch has been answered (or failed)."""
@@ -404,8 +412,9 @@ class RedisDedupStore:
                 raise
             return await self._claim_locally(key)
 
-    async def commit(self, key: str) -> None:
-        """Mark ``key`` delivered for ``ttl`` and wake its waiters here (as duplicates).
+    async def commit(self, key: str, ttl: float | None = None) -> None:
+        """Mark ``key`` delivered for ``ttl`` seconds (None: the store's ``ttl``) and wake its
+        waiters here (as duplicates).
 
         Returns without waiting for Redis: the mark goes out with the next batch, and until it
         lands the claim makes copies on other instances wait for it (operations of this process
@@ -414,17 +423,18 @@ class RedisDedupStore:
         claim's lease frees the key for other instances. Never raises (see ``flush``)."""
         if key in self._local_claims:
             self._local_claims.discard(key)
-            await self.fallback.commit(key)
+            await self.fallback.commit(key, ttl)
             return
         claim = self._claims.pop(key, None)
         if claim is None:
             return
         _settle(claim.outcome, delivered=True)
         if not self.up:  # known down: not sent, remembered here
-            self._commit_failed(key)
+            self._commit_failed(key, ttl)
             return
-        done = self._batch.call(COMMIT, self._rkey(key), claim.owner)
-        done.add_done_callback(functools.partial(self._committed, key))
+        ttl_ms = b"" if ttl is None else str(max(1, round(ttl * 1000))).encode()
+        done = self._batch.call(COMMIT, self._rkey(key), claim.owner, ttl_ms)
+        done.add_done_callback(functools.partial(self._committed, key, ttl))
 
     async def release(self, key: str) -> None:
         """Give up the claim on ``key`` and wake its waiters (as failed). Waits for Redis, so
@@ -488,18 +498,18 @@ class RedisDedupStore:
     def _rkey(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8", "surrogatepass")
 
-    def _committed(self, key: str, done: asyncio.Future[Any]) -> None:
+    def _committed(self, key: str, ttl: float | None, done: asyncio.Future[Any]) -> None:
         exc = RedisConnectionError("closed") if done.cancelled() else done.exception()
         if exc is not None:
             self._failed("commit", exc)
-            self._commit_failed(key)
+            self._commit_failed(key, ttl)
         elif not done.result():
             log.warning("dedup.claim_lost", key=key, lease_seconds=self.lease)
 
-    def _commit_failed(self, key: str) -> None:
+    def _commit_failed(self, key: str, ttl: float | None) -> None:
         """The event is durable but Redis lacks its mark: a retry on another instance may
         publish a copy (same message_id, which consumers can drop); here it is a duplicate."""
-        self.fallback.commit_now(key)
+        self.fallback.commit_now(key, ttl)
         log.warning("dedup.commit_failed", key=key, error=self.last_error)
 
     async def _try_claim(self, rkey: bytes, owner: bytes) -> bytes | None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, cast
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
 from relay.amqp.publish import Envelope, Publisher
 from relay.amqp.rpc import RpcLink
@@ -60,21 +61,56 @@ INSTALL = web.AppKey("install", InstallFlow)
 LOYALTY = web.AppKey("loyalty", Loyalty)
 
 
+#: the HTTP versions the relay speaks; any other request line gets 505
+HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+
+
+@web.middleware
+async def http_version(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer a request line of another version than HTTP/1.0 or 1.1 (``HTTP/2.0``, which
+    aiohttp's parser lets through) with 505 and close, before any route sees it. The answer's
+    status line says HTTP/1.1, whatever the request claimed."""
+    if request.version in HTTP_VERSIONS:
+        return await handler(request)
+    response = error_response(
+        505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are supported"
+    )
+    response.force_close()
+    await response.prepare(cast(web.BaseRequest, _AsHttp11(request)))
+    return response
+
+
+class _AsHttp11:
+    """``request`` as seen by ``StreamResponse.prepare``, claiming HTTP/1.1: the status line
+    of an answer takes the request's version, and ``BaseRequest.clone`` cannot change it."""
+
+    version = HttpVersion11
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
 @web.middleware
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Answer the router's own errors (404, 405 ...) with the contract's JSON error body."""
+    """Answer the router's own errors (404, 405 ...) with the contract's JSON error body,
+    which never repeats the request's path or method (a token can hide in a path)."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return error_response(404, "not_found", f"no route for {request.path}")
+        return error_response(404, "not_found", "no such route")  # never the path: no echo
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return error_response(
             405,
             "method_not_allowed",
-            f"{request.method} is not allowed here; use {allowed}",
+            f"this method is not allowed here; use {allowed}",
             {hdrs.ALLOW: allowed},
         )
     except web.HTTPException as exc:
@@ -139,6 +175,8 @@ def make_app(
         metrics=metrics,
         max_body_bytes=settings.http.max_body_bytes,
         key_fields=settings.dedup.key_fields,
+        hash_ttl=min(settings.dedup.hash_ttl, settings.dedup.ttl),
+        rejected_exchange=settings.amqp.rejected_exchange,
     )
 
     short = sum(len(spec.token.value) < MIN_TOKEN_CHARS for spec in settings.auth.tokens)
@@ -147,7 +185,9 @@ def make_app(
             "auth.short_tokens", count=short, minimum=MIN_TOKEN_CHARS
         )
     access = Access(settings.http, metrics)
-    middlewares = [access.middleware, json_errors] if access.active else [json_errors]
+    middlewares = [http_version, json_errors]
+    if access.active:
+        middlewares.insert(1, access.middleware)
     app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -243,6 +283,7 @@ def _watch_core(app: web.Application) -> None:
         },
     )
     health.add_detail("last_retm_error", lambda: ingest.last_retm_error)
+    health.add_detail("quarantine", ingest.quarantine_status)
     worker = app[WORKER]
     if worker is not None:
         health.add_detail("worker", worker.status)

@@ -53,6 +53,7 @@ COUNTERS = (
 KNOWN_SECTIONS = {
     "status", "version", "uptime_seconds", "checks", "counters", "last_event_at",
     "events_per_minute", "outcomes_per_minute", "spool", "broker", "dedup", "last_retm_error",
+    "quarantine",
 }  # fmt: skip
 
 
@@ -394,6 +395,7 @@ def render_main(h: Mapping[str, Any]) -> str:
                 key_row(label, ["last_retm_error", key], error.get(key), "bad" * (key == "code"))
             )
     out.append(section("Last RETM error webhook", table("retm-error", error_rows, "none received")))
+    out.append(_quarantine_section(h.get("quarantine")))
     dedup = h.get("dedup")
     out.append(
         section("Dedup", table("dedup", flat_rows("dedup", dedup), "n/a"))
@@ -434,6 +436,30 @@ def _events_section(h: Mapping[str, Any], counters: Mapping[str, Any]) -> str:
         wide=True,
         extra=f' <span id="rate-total" class="meta">· {total:,} in the last minute</span>',
     )
+
+
+def _quarantine_section(quarantine: object) -> str:
+    """The quarantine: authenticated bodies refused as not JSON objects, kept on
+    ``amqp.rejected_exchange`` (``/health``'s ``quarantine``)."""
+    rows: list[str] = []
+    if isinstance(quarantine, dict):
+        rows += [
+            key_row("exchange", ["quarantine", "exchange"], quarantine.get("exchange")),
+            key_row("kept", ["quarantine", "kept"], quarantine.get("kept")),
+            key_row(
+                "retries recognised", ["quarantine", "duplicates"], quarantine.get("duplicates")
+            ),
+        ]
+        last = quarantine.get("last")
+        if isinstance(last, dict):
+            rows += [
+                key_row("last reason", ["quarantine", "last", "reason"], last.get("reason"), "bad"),
+                key_row(
+                    "last received", ["quarantine", "last", "received_at"], last.get("received_at")
+                ),
+                key_row("last size", ["quarantine", "last", "bytes"], last.get("bytes")),
+            ]
+    return section("Quarantine (refused bodies kept)", table("quarantine", rows, "n/a"))
 
 
 def _spool_section(spool: object) -> str:
