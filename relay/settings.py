@@ -102,7 +102,9 @@ class AmqpSettings:
 
     ``exchanges`` maps an event family (the routing key's first word, ``order``) to its own
     exchange; other events go to ``exchange``. ``passive`` only checks that the exchanges and the
-    unrouted queue exist, for a broker user without the configure permission. Times in seconds.
+    unrouted queue exist, for a broker user without the configure permission. ``fast_publish``
+    false forces aiormq's public ``basic_publish`` instead of the relay's own frame writer
+    (relay/amqp/senders.py). Times in seconds.
     """
 
     url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
@@ -114,6 +116,7 @@ class AmqpSettings:
     connect_timeout: float = 5.0
     heartbeat: int = 10
     passive: bool = False
+    fast_publish: bool = True
 
 
 @dataclass(frozen=True, slots=True)

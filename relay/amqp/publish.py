@@ -6,12 +6,12 @@ publish; many publishes are in flight at once and RabbitMQ acknowledges them in 
 routing key, the broker returns it and the relay republishes it to the unrouted exchange, with
 the intended routing key in a header, before it answers. An event is never dropped.
 
-Publishes go out through ``_Sender``: the frames of every publish made during one event-loop
-turn are marshalled by ``relay.wire`` and written in one go, with their confirmations
-registered on aiormq's channel exactly as its own ``basic_publish`` registers them, so acks,
-nacks, returns and a channel close settle them the usual way. (aiormq's ``basic_publish``
-marshals each frame with pamqp and wakes its writer once per message; under load that was most
-of the relay's time per webhook.)
+Publishes go out through a sender of ``relay.amqp.senders``: the fast path, where the frames of
+every publish made during one event-loop turn are marshalled by ``relay.amqp.wire`` and written
+in one go, with their confirmations registered on aiormq's channel exactly as its own
+``basic_publish`` registers them, so acks, nacks, returns and a channel close settle them the
+usual way; or, when the fast path fails its checks on a new channel (or ``amqp.fast_publish``
+is false), aiormq's public ``basic_publish``. Which one is in use, and why, is on /health.
 
 The link is supervised by ``relay.link`` (which says why not by aio-pika's ``connect_robust``):
 the topology is declared on each new channel, and a mismatch at the first connection stops the
@@ -28,7 +28,6 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import aio_pika
@@ -36,10 +35,10 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from aiormq.abc import ChannelFrame
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from aiormq.exceptions import (
     AMQPError,
+    ChannelAccessRefused,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
@@ -48,8 +47,16 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from relay.amqp import wire
 from relay.amqp.link import Link, SupervisedLink, broker_address, describe
+from relay.amqp.senders import (
+    FastSender,
+    Properties,
+    PublicSender,
+    PublishPath,
+    Sender,
+    internals_problem,
+    probe,
+)
 from relay.errors import BrokerUnavailable, TopologyError
 from relay.metrics import Metrics
 from relay.routing import Route, Router
@@ -94,70 +101,10 @@ class Envelope:
     headers: dict[str, Any] = field(default_factory=dict)
 
 
-class _Sender:
-    """Writes the Basic.Publish frames made during one event-loop turn in one write.
-
-    Each ``send`` returns the publish's confirmation future. At the end of the turn, ``_flush``
-    gives every publish of the batch the channel's next delivery tag and registers its future in
-    the channel's ``confirmations`` (and its message_id for returns), exactly as aiormq's
-    ``basic_publish`` does, then hands the frames to the connection's writer as one frame group.
-    Tags are assigned and frames queued in one synchronous step, so they stay in the order the
-    broker numbers them, also alongside aiormq's own ``basic_publish`` on the same channel.
-    """
-
-    __slots__ = ("_batch", "_loop", "channel", "max_content", "number")
-
-    def __init__(self, channel: aiormq.Channel) -> None:
-        self.channel = channel
-        self.number = channel.number
-        self.max_content = channel.max_content_size
-        self._loop = asyncio.get_running_loop()
-        self._batch: list[tuple[bytes, str, asyncio.Future[Any]]] = []
-
-    def send(self, frames: bytes, message_id: str) -> asyncio.Future[Any]:
-        """Queue the frames of one publish; its future settles with the broker's answer (the
-        Basic.Ack frame; PublishError when returned, DeliveryError when nacked, an AMQPError
-        when the channel closes first)."""
-        future: asyncio.Future[Any] = self.channel.create_future()
-        if not self._batch:
-            self._loop.call_soon(self._flush)
-        self._batch.append((frames, message_id, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, []
-        channel = self.channel
-        if channel.is_closed:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(ChannelInvalidStateError(f"channel {channel} closed"))
-            return
-        parts = []
-        confirmations, by_message_id = channel.confirmations, channel.message_id_delivery_tag
-        for frames, message_id, future in batch:
-            if future.done():  # failed while waiting for this turn (the link died)
-                continue
-            channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            confirmations[tag] = future
-            by_message_id[message_id] = tag
-            future.add_done_callback(partial(_forget_message_id, by_message_id, message_id, tag))
-            parts.append(frames)
-        if parts:
-            channel.write_queue.put_nowait(
-                ChannelFrame(payload=b"".join(parts), should_close=False)
-            )
-
-
-def _forget_message_id(table: dict[str, int], message_id: str, tag: int, _: object) -> None:
-    if table.get(message_id) == tag:
-        del table[message_id]
-
-
 @dataclass(slots=True, kw_only=True)
 class _Link(Link):
     underlay: aiormq.Channel
-    sender: _Sender
+    sender: Sender
     #: loop time of the broker's latest answer (confirm, nack, return) to a publish
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
@@ -243,6 +190,14 @@ class Publisher(SupervisedLink[_Link]):
         self.metrics = metrics
         self.connected_since: float | None = None
         self.reconnects = 0
+        #: how publishes reach the broker (``relay.amqp.senders``): "fast" until the fast path
+        #: fails a check on a new channel or ``amqp.fast_publish`` is false; then "public" for
+        #: the rest of the process, with the reason in ``publish_path_reason``
+        self.publish_path: PublishPath = "fast" if settings.fast_publish else "public"
+        self.publish_path_reason = "" if settings.fast_publish else "amqp.fast_publish = false"
+        #: the broker refused the probe publish to the default exchange (a user without write
+        #: permission there): the fast path is then checked on the channel's state only
+        self._probe_refused = False
 
     def status(self) -> dict[str, Any]:
         """Link state for /health and readiness."""
@@ -252,6 +207,8 @@ class Publisher(SupervisedLink[_Link]):
             "connected_since": self.connected_since,
             "reconnects": self.reconnects,
             "last_error": self.last_error or None,
+            "publish_path": self.publish_path,
+            "publish_path_reason": self.publish_path_reason or None,
         }
 
     # -- the link --------------------------------------------------------------------------
@@ -267,12 +224,51 @@ class Publisher(SupervisedLink[_Link]):
     ) -> _Link:
         await self.declare(channel)
         underlay = await channel.get_underlay_channel()
-        assert isinstance(underlay, aiormq.Channel)  # for the _Sender's frames
+        assert isinstance(underlay, aiormq.Channel)  # for the senders (relay.amqp.senders)
         transport = connection.kwargs["transport_factory"]
         assert isinstance(transport, _RecordingTransport)
-        return _Link(
-            connection, channel, underlay=underlay, sender=_Sender(underlay), transport=transport
-        )
+        sender = await self._sender(underlay)
+        return _Link(connection, channel, underlay=underlay, sender=sender, transport=transport)
+
+    async def _sender(self, channel: aiormq.Channel) -> Sender:
+        """The fast path on ``channel`` when it passes its checks (``relay.amqp.senders``),
+        else aiormq's public ``basic_publish`` from now on (logged once, shown on /health).
+
+        Raises an AMQPError when the probe closed the channel (the link is then reconnected,
+        on the public path unless the broker merely refused the probe's permission).
+        """
+        if self.publish_path == "public":
+            return PublicSender(channel)
+        problem = internals_problem(channel)
+        if problem is None and not self._probe_refused:
+            fast = FastSender(channel)
+            try:
+                problem = await probe(fast)
+            except ChannelAccessRefused:
+                self._probe_refused = True
+                self.publish_path_reason = (
+                    "the broker refused the probe publish to the default exchange: the fast "
+                    "path was checked on aiormq's channel state only"
+                )
+                log.warning("publish.probe_refused", broker=self.address)
+                raise
+            except AMQPError as exc:
+                if channel.connection.is_closed:
+                    raise  # the link died during the probe: no verdict, reconnect
+                self._fall_back(f"the probe publish closed the channel: {describe(exc)}")
+                raise
+            if problem is None:
+                return fast
+        if problem is None:
+            return FastSender(channel)
+        self._fall_back(problem)
+        return PublicSender(channel)
+
+    def _fall_back(self, reason: str) -> None:
+        """Publish with aiormq's ``basic_publish`` for the rest of the process."""
+        self.publish_path = "public"
+        self.publish_path_reason = f"fast path failed its check: {reason}"
+        log.warning("publish.fallback", reason=reason)
 
     def _link_up(self) -> None:
         self.connected_since = time.time()
@@ -426,27 +422,20 @@ class Publisher(SupervisedLink[_Link]):
         exchange: str,
         extra_headers: dict[str, str] | None,
     ) -> asyncio.Future[Any]:
-        """Marshal and queue one publish of ``envelope`` to ``exchange``; its confirmation."""
+        """Queue one publish of ``envelope`` to ``exchange`` on the link's sender; its
+        confirmation."""
         headers = {**envelope.headers, **extra_headers} if extra_headers else envelope.headers
-        sender = link.sender
-        frames = wire.publish_frames(
-            sender.number,
-            exchange,
-            envelope.route.routing_key,
-            envelope.body,
-            wire.properties(
-                content_type=CONTENT_TYPE,
-                headers=headers,
-                delivery_mode=PERSISTENT,
-                message_id=envelope.message_id,
-                timestamp=int(envelope.received_at),
-                message_type=envelope.event,
-                app_id=APP_ID,
-            ),
-            sender.max_content,
+        props = Properties(
+            CONTENT_TYPE,
+            headers,
+            PERSISTENT,
+            envelope.message_id,
+            int(envelope.received_at),
+            envelope.event,
+            APP_ID,
         )
-        confirmation = sender.send(frames, envelope.message_id)
-        link.inflight[confirmation] = link.sender._loop.time()
+        confirmation = link.sender.send(exchange, envelope.route.routing_key, envelope.body, props)
+        link.inflight[confirmation] = asyncio.get_running_loop().time()
         confirmation.add_done_callback(link.settled)
         return confirmation
 
