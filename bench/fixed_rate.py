@@ -12,18 +12,22 @@ target at one rate are pooled: p50/p99/p99.9/max over all their requests, and CP
 2xx answers of the phase).
 
 For retm-relay it also reads /metrics before and after each phase: events confirmed directly
-and events spooled. A target that spooled under load, answered anything but 2xx, or whose queue
-does not hold exactly one message per 2xx answer is invalid for a comparison.
+and events spooled, and its own timings (handling, confirm). With --profile, py-spy then samples
+the naive relay and retm-relay for --profile-seconds each at --profile-rate (not counted).
+
+A target that spooled under load, answered anything but 2xx, or whose queue does not hold
+exactly one message per 2xx answer is invalid for a comparison.
 """
 
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Any
 
 from bench import clients
 from bench.openloop import summarize
-from bench.targets import Context, Launched, NotAvailable, launch, path_delta, paths
+from bench.targets import Context, Launched, NotAvailable, launch, path_delta, paths, profile
 
 #: the targets of this part, in the order of the first round
 ORDER = ("naive", "relay", "redis")
@@ -98,9 +102,29 @@ async def run_fixed_rates(ctx: Context) -> dict[str, Any]:
                 for target in reversed(order) if n % 2 else order:
                     result = await phase(ctx, running[target], rate)
                     measured[target].setdefault(rate, []).append(result)
+        profiles: dict[str, dict[str, Any]] = {}
+        if ctx.opts.profile:
+            rate = ctx.opts.profile_rate
+            for target in ("naive", "relay"):
+                if target in running:
+                    launched = running[target]
+                    profiles[target] = await profile(
+                        ctx,
+                        launched.server,
+                        partial(
+                            clients.openloop,
+                            launched.url,
+                            token=launched.token,
+                            rate=rate,
+                            seconds=ctx.opts.profile_seconds,
+                            warmup=ctx.opts.open_warmup,
+                        ),
+                        f"at-{rate:g}",
+                    )
         for target, launched in running.items():
             pooled = {f"{rate:g}": pool(phases) for rate, phases in measured[target].items()}
             answered = sum(p["answered_2xx"] for p in pooled.values())
+            answered += profiles.get(target, {}).get("ok", 0)
             messages = await ctx.topology.count(launched.queue) if launched.queue else None
             out["targets"][target] = {
                 "ready_seconds": round(launched.ready_seconds, 3),
@@ -109,6 +133,8 @@ async def run_fixed_rates(ctx: Context) -> dict[str, Any]:
                 "messages": messages,
                 "invalid": invalid_reasons(pooled, answered, messages),
             }
+            if target in profiles:
+                out["targets"][target]["profile"] = profiles[target]
     for target, launched in running.items():
         if launched.log:
             out["targets"][target]["log"] = launched.log

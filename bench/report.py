@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.targets import quantile_bound
+
 MB = 1024 * 1024
 TARGETS = ("http", "confirm", "naive", "relay", "redis", "workers")
 LABELS = {
@@ -43,6 +45,15 @@ TARGET_DEDUP_RSS_MB = 200.0
 TARGET_SPOOL_RATE = 2000.0
 TARGET_READY_S = 1.5
 CLIENT_LAG_NOTE_MS = 5.0  # the open-loop client's own delay worth a note
+
+
+def own_timings(paths: dict[str, int]) -> str:
+    """The relay's own p99 of handling and of the confirm, as the bounds of the histogram
+    buckets holding them (``<= 10 / <= 5`` ms), from its /metrics."""
+    bounds = [quantile_bound(paths, prefix) for prefix in ("request", "confirm")]
+    if bounds[0] is None:
+        return "-"
+    return " / ".join("-" if b is None else f"<={b * 1000:g}" for b in bounds)
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -323,7 +334,7 @@ def summary(results: dict[str, Any], markdown: bool = False) -> str:
 def rate_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The fixed-rate measurements, one row per target and rate."""
     header = ["target @ rate", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "p99 per round",
-              "CPU ms/event", "direct / spooled"]  # fmt: skip
+              "CPU ms/event", "direct / spooled", "own p99 ms: handling / confirm"]  # fmt: skip
     rows = []
     part = results.get("rates") or {}
     for target, t in (part.get("targets") or {}).items():
@@ -339,13 +350,15 @@ def rate_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(m.get("max_ms"), 1), ", ".join(f"{x:.2f}" for x in m["rounds_p99_ms"]),
                 _fmt(m["cpu_ms_per_event"], 3),
                 f"{p.get('direct', 0):,} / {p.get('spooled', 0):,}" if p else "-",
+                own_timings(p),
             ])  # fmt: skip
     return header, rows
 
 
 def closed_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The closed-loop measurements, one row per target."""
-    header = ["target", "req/s @32", "max ms @32", "CPU s/1k", "peak RSS MB", "direct / spooled"]
+    header = ["target", "req/s @32", "max ms @32", "CPU s/1k", "peak RSS MB", "direct / spooled",
+              "own p99 ms: handling / confirm"]  # fmt: skip
     rows = []
     for target in TARGETS:
         r = results["targets"].get(target)
@@ -360,6 +373,7 @@ def closed_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _fmt(r["closed"]["rate"]), _fmt(r["closed"].get("max_ms"), 1),
             _fmt(r["cpu_per_1000"], 3), _fmt(r["peak_rss_bytes"] / MB, 1),
             f"{p.get('direct', 0):,} / {p.get('spooled', 0):,}" if p else "-",
+            own_timings(p),
         ])  # fmt: skip
     return header, rows
 

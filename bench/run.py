@@ -71,6 +71,7 @@ from bench.targets import (
     launch,
     path_delta,
     paths,
+    profile,
     relay_argv,
     relay_env,
 )
@@ -157,27 +158,9 @@ def invalid_reasons(r: dict[str, Any]) -> list[str]:
 
 async def run_profile(ctx: Context, server: Server, url: str, token: str) -> dict[str, Any]:
     """An extra closed-loop phase with py-spy sampling the server (not counted in the table):
-    collapsed stacks (``--format raw``, which speedscope and flamegraph.pl read) to
-    bench/results/, and a summary of where the time goes (bench/hotspots.py)."""
-    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if py_spy is None:
-        return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"profile-{ctx.run_id}-{server.name}.txt"
+    see ``targets.profile``."""
     seconds = ctx.opts.profile_seconds
-    spy = await asyncio.create_subprocess_exec(
-        *[py_spy, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking"],
-        *["--format", "raw", "--output", str(out), "--duration", str(seconds + 1)],
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    await asyncio.sleep(0.5)
-    load = await wrk(ctx.opts, url, seconds, token)
-    _, err = await spy.communicate()
-    if not out.exists():
-        return {"error": f"py-spy wrote nothing: {err.decode()[-500:]}", "ok": load["ok"]}
-    summary = hotspots.summarize(hotspots.parse(out.read_text()), top=25)
-    return {"file": str(out.relative_to(ROOT)), "rate": load["rate"], "ok": load["ok"], **summary}
+    return await profile(ctx, server, lambda: wrk(ctx.opts, url, seconds, token), "closed")
 
 
 async def run_confirm_ceiling(ctx: Context) -> dict[str, Any]:
@@ -499,10 +482,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the measurements of the naive relay and of retm-relay with the memory "
-        "store and with Redis, sample each with py-spy under load",
+        help="sample the naive relay and retm-relay with py-spy at --profile-rate after the "
+        "fixed rates, and under the closed loop (with Redis too)",
     )
     parser.add_argument("--profile-seconds", type=int, default=d.profile_seconds)
+    parser.add_argument(
+        "--profile-rate", type=float, default=d.profile_rate, help="fixed rate of --profile"
+    )
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
     args = parser.parse_args(argv)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
@@ -528,6 +514,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         only=only,
         profile=args.profile,
         profile_seconds=args.profile_seconds,
+        profile_rate=args.profile_rate,
     )
     if args.quick:
         opts.duration, opts.warmup, opts.open_seconds, opts.rounds = 3, 1, 2, 1
@@ -563,12 +550,17 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {load['loadavg_start']} at the start, {load['loadavg_end']} at "
             "the end: other work was running, so these numbers are noisy."
         )
-    for target in ("naive", "relay", "redis"):
-        prof = (results["targets"].get(target) or {}).get("profile")
+    at_rate = ((results.get("rates") or {}).get("targets")) or {}
+    for where, target, prof in [
+        *((f"at {opts.profile_rate:g} req/s", t, (at_rate.get(t) or {}).get("profile"))
+          for t in ("naive", "relay")),
+        *(("under the closed loop", t, (results["targets"].get(t) or {}).get("profile"))
+          for t in ("naive", "relay", "redis")),
+    ]:  # fmt: skip
         if prof and "error" in prof:
-            print(f"profile of {LABELS[target]}: {prof['error']}")
+            print(f"profile of {LABELS[target]} {where}: {prof['error']}")
         elif prof:
-            print(f"\nprofile of {LABELS[target]} under load ({prof['file']}):")
+            print(f"\nprofile of {LABELS[target]} {where} ({prof['file']}):")
             print(hotspots.render(prof))
     failed = any(c["status"] in ("FAIL", "INVALID") for c in results["checks"])
     invalid = any(r.get("invalid") for r in results["targets"].values())

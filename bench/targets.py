@@ -23,14 +23,14 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench import clients
+from bench import clients, hotspots
 from bench.harness import (
     NotifySocket,
     ProcessTree,
@@ -47,6 +47,11 @@ EXAMPLE_CONFIG = ROOT / "config" / "relay.example.toml"
 RESULTS = BENCH / "results"
 EVENTS_PATH = "/retm/events"
 RELAYS = ("relay", "redis", "workers")
+#: the relay's own latency histograms read by ``paths``: metric -> key prefix
+TIMINGS = {
+    "relay_request_seconds_bucket": "request",
+    "relay_publish_confirm_seconds_bucket": "confirm",
+}
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Options:
     only: tuple[str, ...] = ()  # names of parts and targets to run; empty: all
     profile: bool = False
     profile_seconds: int = 10
+    profile_rate: float = 400
     wrk: str = "wrk"
 
     def wants(self, name: str) -> bool:
@@ -290,9 +296,11 @@ def log_summary(path: Path) -> dict[str, Any]:
 async def paths(launched: Launched) -> dict[str, int] | None:
     """How a retm-relay target's events reached the broker so far, from its /metrics:
     ``published`` (confirmed, counting forwards from the spool), ``spooled``, ``forwarded``,
-    ``direct`` = published - forwarded, and ``spooled_<reason>`` per reason the relay gave
-    (``stalled``, ``queued`` behind spooled events, ``timeout`` ...). None for targets without
-    /metrics."""
+    ``direct`` = published - forwarded, ``spooled_<reason>`` per reason the relay gave
+    (``stalled``, ``queued`` behind spooled events, ``timeout`` ...), and the cumulative bucket
+    counts of its own timings (``request_le_<seconds>``: webhook handling, from the request's
+    headers to the answer; ``confirm_le_<seconds>``: publish to confirm). None for targets
+    without /metrics."""
     if launched.metrics_url is None:
         return None
     async with aiohttp.ClientSession() as session, session.get(launched.metrics_url) as r:
@@ -301,6 +309,11 @@ async def paths(launched: Launched) -> dict[str, int] | None:
     reasons: Counter[str] = Counter()
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
+        timing = TIMINGS.get(name)
+        if timing and 'le="' in line and ('route="' not in line or 'route="events"' in line):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            reasons[f"{timing}_le_{le}"] += int(float(line.rsplit(" ", 1)[1]))
+            continue
         if name in ("relay_published_total", "relay_spooled_total", "relay_spool_forwarded_total"):
             value = int(float(line.rsplit(" ", 1)[1]))
             totals[name] += value
@@ -317,9 +330,59 @@ async def paths(launched: Launched) -> dict[str, int] | None:
     }
 
 
+def quantile_bound(counts: dict[str, int], prefix: str, q: float = 0.99) -> float | None:
+    """The upper bound (seconds) of the histogram bucket holding the ``q`` quantile of the
+    ``<prefix>_le_<seconds>`` counts of ``paths`` (None without samples)."""
+    buckets = sorted(
+        (float(key.rsplit("_", 1)[1]), n)
+        for key, n in counts.items()
+        if key.startswith(prefix + "_le_") and not key.endswith("+Inf")
+    )
+    total = counts.get(f"{prefix}_le_+Inf", 0)
+    if not total:
+        return None
+    for bound, n in buckets:
+        if n >= q * total:
+            return bound
+    return float("inf")
+
+
 def path_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int]:
     """The events of one phase: ``after`` minus ``before`` per counter (empty without
     /metrics)."""
     if before is None or after is None:
         return {}
     return {key: after[key] - before.get(key, 0) for key in after}
+
+
+async def profile(
+    ctx: Context, server: Server, load: Callable[[], Awaitable[dict[str, Any]]], phase: str
+) -> dict[str, Any]:
+    """Sample ``server`` with py-spy while ``load()`` runs (an extra phase, not counted in the
+    tables): collapsed stacks (``--format raw``, which speedscope and flamegraph.pl read) to
+    bench/results/profile-RUN-TARGET-PHASE.txt, and a summary of where the time goes
+    (bench/hotspots.py). ``ok``: the 2xx answers of ``load`` (for the queue's count)."""
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"profile-{ctx.run_id}-{server.name}-{phase}.txt"
+    seconds = ctx.opts.profile_seconds
+    spy = await asyncio.create_subprocess_exec(
+        *[py_spy, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking"],
+        *["--threads", "--format", "raw", "--output", str(out), "--duration", str(seconds + 1)],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(0.5)
+    result = await load()
+    ok = result.get("ok")
+    if ok is None:  # the open loop's summary
+        ok = result["warmup_ok"] + sum(
+            n for code, n in result["statuses"].items() if code.startswith("2")
+        )
+    _, err = await spy.communicate()
+    if not out.exists():
+        return {"error": f"py-spy wrote nothing: {err.decode()[-500:]}", "ok": ok}
+    summary = hotspots.summarize(hotspots.parse(out.read_text()), top=25)
+    return {"file": str(out.relative_to(ROOT)), "ok": ok, **summary}
