@@ -79,8 +79,12 @@ APP_ID = "retm-relay"
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 #: seconds without any answer to an outstanding publish after which the link is suspect:
-#: new events go to the spool instead of joining the queue of unanswered publishes
-SUSPECT_AFTER = 0.25
+#: new events go to the spool instead of joining the queue of unanswered publishes. (0.25 s
+#: took a busy broker for a dead one: RabbitMQ writing persistent messages on a loaded host is
+#: silent for a few hundred milliseconds at times, and once one event is spooled every next
+#: one queues behind it, so the relay then ran on the spool for seconds; see
+#: docs/performance.md.)
+SUSPECT_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
