@@ -199,9 +199,9 @@ class Publisher(SupervisedLink[_Link]):
         #: the rest of the process, with the reason in ``publish_path_reason``
         self.publish_path: PublishPath = "fast" if settings.fast_publish else "public"
         self.publish_path_reason = "" if settings.fast_publish else "amqp.fast_publish = false"
-        #: the broker refused the probe publish to the default exchange (a user without write
-        #: permission there): the fast path is then checked on the channel's state only
-        self._probe_refused = False
+        #: whether the probe publish has run (once per process: it checks aiormq's code, and
+        #: the state of each new channel is checked anyway)
+        self._probed = False
 
     def status(self) -> dict[str, Any]:
         """Link state for /health and readiness."""
@@ -231,42 +231,52 @@ class Publisher(SupervisedLink[_Link]):
         assert isinstance(underlay, aiormq.Channel)  # for the senders (relay.amqp.senders)
         transport = connection.kwargs["transport_factory"]
         assert isinstance(transport, _RecordingTransport)
-        sender = await self._sender(underlay)
+        sender = await self._sender(connection, underlay)
         return _Link(connection, channel, underlay=underlay, sender=sender, transport=transport)
 
-    async def _sender(self, channel: aiormq.Channel) -> Sender:
+    async def _sender(self, connection: aio_pika.Connection, channel: aiormq.Channel) -> Sender:
         """The fast path on ``channel`` when it passes its checks (``relay.amqp.senders``),
         else aiormq's public ``basic_publish`` from now on (logged once, shown on /health).
 
-        Raises an AMQPError when the probe closed the channel (the link is then reconnected,
-        on the public path unless the broker merely refused the probe's permission).
+        The state of every new channel is checked; the probe publish runs once per process,
+        on a channel of its own (a broker user without write permission on the default
+        exchange closes only that one; the fast path is then checked on the state alone).
+        Raises an AMQPError when the link died during the probe.
         """
         if self.publish_path == "public":
             return PublicSender(channel)
         problem = internals_problem(channel)
-        if problem is None and not self._probe_refused:
-            fast = FastSender(channel)
-            try:
-                problem = await probe(fast)
-            except ChannelAccessRefused:
-                self._probe_refused = True
-                self.publish_path_reason = (
-                    "the broker refused the probe publish to the default exchange: the fast "
-                    "path was checked on aiormq's channel state only"
-                )
-                log.warning("publish.probe_refused", broker=self.address)
-                raise
-            except AMQPError as exc:
-                if channel.connection.is_closed:
-                    raise  # the link died during the probe: no verdict, reconnect
-                self._fall_back(f"the probe publish closed the channel: {describe(exc)}")
-                raise
-            if problem is None:
-                return fast
+        if problem is None and not self._probed:
+            problem = await self._probe(connection)
         if problem is None:
             return FastSender(channel)
         self._fall_back(problem)
         return PublicSender(channel)
+
+    async def _probe(self, connection: aio_pika.Connection) -> str | None:
+        """Run ``senders.probe`` on a channel of its own; what went wrong, or None."""
+        probing = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            underlay = await probing.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)
+            problem = internals_problem(underlay) or await probe(FastSender(underlay))
+        except ChannelAccessRefused:
+            problem = None
+            self.publish_path_reason = (
+                "the broker refused the probe publish to the default exchange: the fast "
+                "path was checked on aiormq's channel state only"
+            )
+            log.warning("publish.probe_refused", broker=self.address)
+        except AMQPError as exc:
+            if connection.is_closed:
+                raise  # the link died during the probe: no verdict, reconnect
+            problem = f"the probe publish closed its channel: {describe(exc)}"
+        finally:
+            if not probing.is_closed:
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                    await probing.close()
+        self._probed = True
+        return problem
 
     def _fall_back(self, reason: str) -> None:
         """Publish with aiormq's ``basic_publish`` for the rest of the process."""

@@ -8,14 +8,15 @@ ack, nack, return or channel close arrives), ``message_id_delivery_tag`` (how a 
 finds its publish) and ``write_queue`` (the connection's frame writer, fed ``ChannelFrame``).
 That saves most of the relay's CPU per webhook, at the price of depending on aiormq internals.
 
-So the fast path is only used after it has passed two checks on each new channel:
+So the fast path is only used after it has passed two checks:
 
-1. ``internals_problem``: the attributes are there, with the types and the values the fast path
-   expects of a fresh channel in publisher-confirm mode with returns raising;
-2. ``probe``: one mandatory publish through the fast path to the default exchange with a
-   routing key no queue can have (``amq.*`` names are reserved for the broker), which the
-   broker must return (the confirmation fails with PublishError, found through
-   ``message_id_delivery_tag``) and then ack, leaving no message anywhere.
+1. ``internals_problem``, on each new channel: the attributes are there, with the types and the
+   values the fast path expects of a fresh channel in publisher-confirm mode, returns raising;
+2. ``probe``, once per process on a channel of its own: one mandatory publish through the fast
+   path to the default exchange with a routing key no queue can have (``amq.*`` names are
+   reserved for the broker), which the broker must return (the confirmation fails with
+   PublishError, found through ``message_id_delivery_tag``) and then ack, leaving no message
+   anywhere.
 
 When either fails, or ``amqp.fast_publish = false`` forces it, ``PublicSender`` publishes with
 aiormq's public ``Channel.basic_publish`` instead: same frames, same confirms, about a third more
