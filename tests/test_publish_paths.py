@@ -5,11 +5,15 @@ test_publish_contract.py and test_spool_faults.py.)"""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import aiormq
 import pytest
 from packaging.specifiers import SpecifierSet
@@ -18,17 +22,24 @@ from structlog.testing import capture_logs
 
 from relay.amqp.senders import FastSender, internals_problem, probe
 from relay.http.app import PUBLISHER
+from relay.service import Relay
+from relay.settings import load_settings
 from tests.conftest import (
     AMQP_URL,
     ROOT,
+    TOKEN,
     Broker,
     Names,
     StartRelay,
     fixture_bytes,
     proxy_url,
+    relay_environ,
     wait_for,
 )
 from tests.proxy import FaultProxy
+from tests.test_deploy import RELAY_PERMISSIONS, private_vhost, run, tool, vhost_url
+
+__all__ = ["private_vhost"]  # the fixture, shared with test_deploy.py
 
 
 @pytest.fixture
@@ -180,3 +191,60 @@ async def test_fast_publish_false_forces_basic_publish(start_relay: StartRelay) 
         "fast",
         None,
     )
+
+
+@pytest.mark.slow
+async def test_a_user_without_write_on_the_default_exchange_keeps_the_checked_fast_path(
+    private_vhost: str, names: Names, tmp_path: Path
+) -> None:
+    """A broker user with only the permissions the relay needs refuses the probe publish to the
+    default exchange: the relay stays on the fast path, checked on the channel state alone,
+    says so on /health and in one log line, and publishes (to the unrouted exchange here: no
+    queue is bound in the test's vhost)."""
+    rabbitmqctl = tool("rabbitmqctl")
+    user, password = f"test-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    assert (await asyncio.to_thread(run, rabbitmqctl, "add_user", user, password)).returncode == 0
+    try:
+        allowed = await asyncio.to_thread(
+            run, rabbitmqctl, "set_permissions", "-p", private_vhost, user, *RELAY_PERMISSIONS
+        )
+        assert allowed.returncode == 0, allowed.stderr
+        environ = relay_environ(
+            names,
+            tmp_path,
+            RELAY_AMQP_URL=vhost_url(private_vhost, user, password),
+            RELAY_AMQP_EXCHANGE="retm.events",
+            RELAY_AMQP_UNROUTED_EXCHANGE="retm.unrouted",
+        )
+        relay = Relay(load_settings(None, environ))
+        with capture_logs() as logs:
+            await relay.start()
+            try:
+                publisher = relay.app[PUBLISHER]
+                await wait_for(publisher.connected.is_set, what="the link")
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(
+                        relay.url + "/retm/events",
+                        data=fixture_bytes("order.created.json"),
+                        headers={
+                            "Authorization": f"Bearer {TOKEN}",
+                            "Content-Type": "application/json",
+                        },
+                    ) as response:
+                        answer = await response.json()
+                    async with session.get(relay.url + "/health") as response:
+                        health = await response.json()
+            finally:
+                await relay.stop()
+    finally:
+        await asyncio.to_thread(run, rabbitmqctl, "delete_user", user)
+
+    assert answer.get("status") == "accepted", answer
+    assert health["broker"]["publish_path"] == "fast"
+    assert health["broker"]["publish_path_reason"] == (
+        "the broker refused the probe publish to the default exchange: the fast path was "
+        "checked on aiormq's channel state only"
+    )
+    checks = ("publish.probe_refused", "publish.fallback")
+    assert [entry["event"] for entry in logs if entry["event"] in checks] == [checks[0]]
+    assert not [entry for entry in logs if entry["event"] == "webhook.spooled"]
