@@ -60,7 +60,8 @@ test: lint services browser tools node
 	$(BIN)/pytest -m "not cluster"
 	$(BIN)/pytest -m cluster
 
-# The benchmark of issue 5 (bench/run.py): a few minutes; BENCH_ARGS="--quick" for a smoke run,
+# The benchmark (bench/run.py, docs/performance.md): retm-relay side by side with the naive relay
+# at fixed rates and at 32 connections, a few minutes; BENCH_ARGS="--quick" for a smoke run,
 # "--profile" to sample the relay with py-spy as well (installed into .venv then).
 # Installs wrk with apt-get when missing (as root); results also go to bench/results/*.json.
 bench: $(STAMP)

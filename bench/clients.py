@@ -87,10 +87,11 @@ async def wrk(
 
 
 async def openloop(
-    url: str, *, token: str, rate: float, seconds: float, warmup: float = 1
+    url: str, *, token: str, rate: float, seconds: float, warmup: float = 1, raw: bool = False
 ) -> dict[str, Any]:
     """bench/openloop.py at ``rate`` req/s for ``seconds`` (after ``warmup`` seconds at the same
-    rate, not counted) against ``url``: its JSON summary."""
+    rate, not counted) against ``url``: its JSON summary (with ``raw``, also
+    ``latencies_ms``, every measured latency)."""
     return await run_json(
         [
             sys.executable,
@@ -107,6 +108,7 @@ async def openloop(
             str(warmup),
             "--run-id",
             uuid.uuid4().hex[:8],
+            *(["--raw"] if raw else []),
         ]
     )
 

@@ -8,7 +8,8 @@ A second of warm-up at the same rate comes first and is not counted.
 
 Bodies are RETM-shaped (tests/fixtures/order.created.json) with a unique reference each. Prints
 one JSON object: statuses, errors, latency percentiles in milliseconds (p50, p99, p99.9, max)
-and the client's own lag behind schedule (when that is large, the client was the bottleneck).
+and the client's own lag behind schedule (when that is large, the client was the bottleneck);
+with --raw also every latency, so that the runner can pool rounds.
 
     python bench/openloop.py URL --token TOKEN --rate 500 --seconds 10
 """
@@ -114,6 +115,7 @@ async def run(args: argparse.Namespace, fixture: bytes) -> dict[str, object]:
         await phase("w", args.warmup)
         latencies, lags = await phase("m", args.seconds)
     lag = summarize(lags)
+    raw = {"latencies_ms": [round(x * 1000, 3) for x in latencies]} if args.raw else {}
     measured = {status: n for (phase, status), n in statuses.items() if phase == "m"}
     failed = {exc: n for (phase, exc), n in errors.items() if phase == "m"}
     return {
@@ -127,6 +129,7 @@ async def run(args: argparse.Namespace, fixture: bytes) -> dict[str, object]:
         "warmup_ok": sum(n for (p, s), n in statuses.items() if p == "w" and s.startswith("2")),
         "client_lag_p99_ms": lag.get("p99_ms"),
         "client_lag_max_ms": lag.get("max_ms"),
+        **raw,
     }
 
 
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=15)
     parser.add_argument("--run-id", default="")
     parser.add_argument("--fixture", default=str(FIXTURE))
+    parser.add_argument("--raw", action="store_true", help="also print every latency (ms)")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(run(args, Path(args.fixture).read_bytes()))

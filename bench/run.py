@@ -1,39 +1,29 @@
 """`make bench`: retm-relay against its yardsticks, side by side, on this machine.
 
-Every target runs as a real process on a free port against the local RabbitMQ, publishing to
-an exchange of its own (``bench.<run>.<target>.events``) with a durable queue bound to it
-(``#``), both deleted afterwards. Per target:
+1. Fixed rates (bench/fixed_rate.py), first, while the broker is idle: the naive relay and
+   retm-relay at --rates req/s (100, 400 and 1,000), and retm-relay with the memory store and
+   with Redis at --redis-rate (500), in interleaved rounds, open loop (latency from each
+   request's due time): p99 and CPU per event side by side, and from retm-relay's /metrics how
+   many events were confirmed directly and how many were spooled.
+2. Closed loop, target by target (bench/targets.py starts each as a real process with an
+   exchange and a bound queue of its own): a wrk warm-up, then wrk with --connections
+   connections for --duration seconds, RETM-shaped bodies with a unique reference each
+   (bench/retm.lua): req/s, max latency, CPU seconds of the server's process tree (from /proc)
+   per 1,000 answers, peak RSS, events confirmed directly and spooled; the queue must then hold
+   one message per 2xx answer (plus at most one per connection for the requests wrk cuts off in
+   flight when it stops). Targets: the HTTP ceiling (bench/http_ceiling.py), the confirm
+   ceiling (bench/confirm_ceiling.py, no HTTP), the naive relay (bench/naive_relay.py), and
+   retm-relay with config/relay.example.toml (every feature on) with the memory store, with
+   Redis, and with two workers on Redis. The runner waits for the broker to go idle in between.
+3. The other parts (``PARTS``): RSS with 1,000,000 live dedup keys (bench/dedup_rss.py), spool
+   ingest with the broker link cut and drain once it is back, start to READY=1.
 
-1. open loop: bench/openloop.py at --rate req/s, first --warmup seconds (not counted), then
-   --open-seconds (latency from each request's due time, so a stall is not hidden):
-   p50/p99/p99.9/max. It runs first, warmed up at its own rate as wrk2 does, so that it
-   measures the steady state at that rate rather than the broker working off a burst;
-2. warm-up: wrk for --warmup seconds (not counted);
-3. closed loop: wrk, --connections connections, --duration seconds, RETM-shaped bodies with a
-   unique reference each (bench/retm.lua): req/s, answers that are not 2xx, max latency;
-4. CPU seconds of the server's process tree (the process and its children, from
-   /proc/PID/stat) during the closed loop per 1,000 answers, and the tree's peak RSS (sum of
-   VmHWM) at the end;
-5. the queue must then hold one message per 2xx answer (plus at most one per connection for
-   the requests wrk cuts off in flight when it stops: published, never answered).
+Prints a short summary (what was compared, the ratios, PASS/FAIL per target, the verdict),
+then the details; writes every figure as JSON to bench/results/ (``--markdown FILE`` prints a
+saved run as markdown). A target that answered anything but 2xx, lost or duplicated a message,
+or spooled under load is INVALID for a comparison. Exits 1 when a check fails or is invalid.
 
-Targets: the HTTP ceiling (bench/http_ceiling.py), the confirm ceiling (bench/confirm_ceiling.py,
-no HTTP), the naive relay (bench/naive_relay.py), and retm-relay (``python -m relay serve`` with
-config/relay.example.toml; only the port, a bench token, the exchange names and the state
-directory are overridden) with the memory store, with Redis, and with two workers on Redis. The
-Redis runs need ``dedup.backend = "redis"`` to be implemented (/health must report it) and the
-two-worker run needs ``http.workers`` (``retm-relay check-config`` must accept it); otherwise
-their rows say n/a and why.
-
-Then: RSS with 1,000,000 live dedup keys (bench/dedup_rss.py), spool ingest with the broker link
-cut (through tests/proxy.py's FaultProxy) and drain once it is back (n/a while the relay has no
-spool), and start to READY=1 (the runner binds the NOTIFY_SOCKET datagram socket itself).
-
-Prints the table, the ratios and PASS/FAIL per target of issue 5; writes the results as JSON
-to bench/results/ (``--markdown FILE`` prints a saved run as the README's table). Exits 1 when a
-target FAILs or a run was invalid (an answer that was not 2xx, a message missing or extra).
-
-    .venv/bin/python -m bench.run [--quick] [--only naive,relay] [--profile]
+    .venv/bin/python -m bench.run [--quick] [--only rates,naive,relay] [--profile]
 """
 
 from __future__ import annotations
@@ -44,17 +34,13 @@ import contextlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,6 +48,7 @@ from typing import Any
 import aio_pika
 
 from bench import clients, hotspots
+from bench.fixed_rate import run_fixed_rates
 from bench.harness import (
     NotifySocket,
     ProcessTree,
@@ -70,16 +57,25 @@ from bench.harness import (
     child_environ,
     free_port,
     pids_named,
-    wait_tcp,
 )
-from bench.report import EXTRAS, LABELS, TARGETS, compute_checks, render
+from bench.report import LABELS, TARGETS, compute_checks, render, summary
+from bench.targets import (
+    EVENTS_PATH,
+    RESULTS,
+    ROOT,
+    Context,
+    Launched,
+    NotAvailable,
+    Options,
+    check_config,
+    launch,
+    path_delta,
+    paths,
+    profile,
+    relay_argv,
+    relay_env,
+)
 from tests.proxy import FaultProxy
-
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-EXAMPLE_CONFIG = ROOT / "config" / "relay.example.toml"
-RESULTS = BENCH / "results"
-EVENTS_PATH = "/retm/events"
 
 
 async def wrk(opts: Options, url: str, seconds: int, token: str) -> dict[str, Any]:
@@ -94,193 +90,46 @@ async def wrk(opts: Options, url: str, seconds: int, token: str) -> dict[str, An
     )
 
 
-async def openloop(opts: Options, url: str, token: str) -> dict[str, Any]:
-    """The open loop: bench/openloop.py at --rate for --open-seconds, after --warmup seconds at
-    the same rate (as wrk2 calibrates at its target rate)."""
-    return await clients.openloop(
-        url, token=token, rate=opts.rate, seconds=opts.open_seconds, warmup=opts.warmup
-    )
+# -- the closed loop, target by target -----------------------------------------------------
 
 
-def redis_cli(*args: str) -> str:
-    """Run redis-cli and return its output (the runner only deletes its own prefixed keys
-    with it). Raises CalledProcessError when redis-cli fails."""
-    return subprocess.run(
-        ["redis-cli", *args], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
-
-
-# -- the run -------------------------------------------------------------------------------
-
-
-@dataclass
-class Options:
-    duration: int = 12
-    warmup: int = 2
-    connections: int = 32
-    threads: int = 1
-    rate: float = 500
-    open_seconds: float = 10
-    spool_seconds: int = 5
-    ready_starts: int = 3
-    dedup_keys: int = 1_000_000
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    redis_url: str = "redis://127.0.0.1:6379/15"
-    queue_type: str = "classic"
-    only: tuple[str, ...] = TARGETS + EXTRAS
-    profile: bool = False
-    profile_seconds: int = 10
-    wrk: str = "wrk"
-
-
-@dataclass
-class Context:
-    opts: Options
-    run_id: str
-    workdir: Path
-    topology: Topology
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    config: dict[str, Any] = field(default_factory=dict)
-    ready_times: list[float] = field(default_factory=list)
-
-    def names(self, target: str) -> dict[str, str]:
-        prefix = f"bench.{self.run_id}.{target}"
-        return {
-            "exchange": f"{prefix}.events",
-            "queue": f"{prefix}.q",
-            "unrouted": f"{prefix}.unrouted",
-            "redis_prefix": f"{prefix}.dedup:",
-            "prefix": prefix,
-        }
-
-
-def relay_env(
-    ctx: Context, target: str, port: int, notify: NotifySocket, **extra: str
-) -> dict[str, str]:
-    """The environment of a retm-relay target: the example configuration plus only what
-    isolates it (port, a bench token, its exchange names, a state directory)."""
-    n = ctx.names(target)
-    state = ctx.workdir / f"state-{target}"
-    state.mkdir(exist_ok=True)
-    settings = {
-        "NOTIFY_SOCKET": str(notify.path),
-        "RELAY_HTTP_PORT": str(port),
-        "RELAY_AUTH_TOKENS": ctx.token,
-        "RELAY_AMQP_URL": ctx.opts.amqp_url,
-        "RELAY_AMQP_EXCHANGE": n["exchange"],
-        "RELAY_AMQP_UNROUTED_EXCHANGE": n["unrouted"],
-        "RELAY_STATE_DIR": str(state),
+async def closed_loop(ctx: Context, launched: Launched, profile: bool) -> dict[str, Any]:
+    """Warm-up, then the closed loop against ``launched``: wrk's summary, CPU per 1,000
+    answers and peak RSS of the process tree, and for retm-relay the events confirmed directly
+    and spooled during the loop (from its /metrics)."""
+    opts, tree = ctx.opts, launched.tree
+    result: dict[str, Any] = {
+        "target": launched.target,
+        "label": LABELS[launched.target],
+        "ready_seconds": round(launched.ready_seconds, 3),
     }
-    return child_environ(**{**settings, **extra})
-
-
-def relay_argv() -> list[str]:
-    return [sys.executable, "-m", "relay", "serve", "--config", str(EXAMPLE_CONFIG)]
-
-
-async def check_config(env: dict[str, str]) -> tuple[bool, str, dict[str, Any]]:
-    """``retm-relay check-config --show`` with ``env``: (ok, message, settings tree)."""
-    proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "relay", "check-config", "--show", "--config", str(EXAMPLE_CONFIG)],
-        env=env,
-        cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        return False, err.decode().strip() or out.decode().strip(), {}
-    text = out.decode()
-    tree: dict[str, Any] = json.loads(text[: text.rindex("}") + 1])
-    return True, "", tree
-
-
-async def redis_extra(ctx: Context, target: str) -> dict[str, str]:
-    """Settings of the Redis runs: DB 15 and, when the relay has the key, a unique prefix."""
-    extra = {"RELAY_DEDUP_BACKEND": "redis", "RELAY_DEDUP_REDIS_URL": ctx.opts.redis_url}
-    if "redis_prefix" in ctx.config.get("dedup", {}):
-        extra["RELAY_DEDUP_REDIS_PREFIX"] = ctx.names(target)["redis_prefix"]
-    else:  # no prefix to delete by: let the keys expire soon instead
-        extra["RELAY_DEDUP_TTL"] = "3600"
-    return extra
-
-
-def cleanup_redis(ctx: Context, target: str) -> int:
-    """Delete the keys a Redis run left under its prefix (DB of --redis-url); returns how many."""
-    db = ctx.opts.redis_url.rsplit("/", 1)[-1] or "0"
-    pattern = ctx.names(target)["redis_prefix"] + "*"
-    keys = redis_cli("-n", db, "--scan", "--pattern", pattern).split()
-    for i in range(0, len(keys), 500):
-        redis_cli("-n", db, "unlink", *keys[i : i + 500])
-    return len(keys)
-
-
-async def measure_server(
-    ctx: Context,
-    target: str,
-    server: Server,
-    ready: Callable[[], Awaitable[float]],
-    url: str,
-    token: str,
-    *,
-    queue: str | None,
-    verify: Callable[[], Awaitable[str | None]] | None = None,
-    profile: bool = False,
-) -> dict[str, Any]:
-    """Start ``server``, run the open loop (with its warm-up at the same rate), then the
-    closed loop (after a warm-up at full speed) against ``url``, sample its process tree, stop
-    it, and check the queue holds one message per 2xx answer.
-
-    The open loop (latency at a fixed rate) runs first and warms up at its own rate, so that it
-    measures the server in the steady state that rate produces, not the broker working off a
-    burst: right after a few seconds at full speed (the closed loop, or its warm-up: thousands
-    of persistent messages to write), RabbitMQ's confirm latency stays raised for seconds, and
-    every target's p99 at 500 req/s, the naive relay's included, doubles or triples."""
-    opts = ctx.opts
-    result: dict[str, Any] = {"target": target, "label": LABELS[target]}
-    result["ready_seconds"] = round(await server.start(ready), 3)
-    try:
-        if verify is not None:
-            reason = await verify()
-            if reason:
-                return {**result, "na": reason}
-        tree = ProcessTree(server.pid)
-        cpu1 = time.perf_counter(), tree.cpu_seconds()
-        opened = await openloop(opts, url, token)
-        cpu2 = time.perf_counter(), tree.cpu_seconds()
-        warm = await wrk(opts, url, opts.warmup, token)
-        cpu0 = time.perf_counter(), tree.cpu_seconds()
-        closed = await wrk(opts, url, opts.duration, token)
-        cpu1_closed = time.perf_counter(), tree.cpu_seconds()
-        result["processes"] = len(tree.pids())
-        result["peak_rss_bytes"] = tree.peak_rss()
-        if profile:
-            result["profile"] = await run_profile(ctx, server, url, token)
-    finally:
-        result["exit_code"] = await server.stop()
+    warm = await wrk(opts, launched.url, opts.warmup, launched.token)
+    before = await paths(launched)
+    cpu0 = tree.cpu_seconds()
+    closed = await wrk(opts, launched.url, opts.duration, launched.token)
+    cpu = tree.cpu_seconds() - cpu0
+    result["paths"] = path_delta(before, await paths(launched))
+    result["processes"] = len(tree.pids())
+    result["peak_rss_bytes"] = tree.peak_rss()
+    if profile:
+        result["profile"] = await run_profile(ctx, launched.server, launched.url, launched.token)
     result["warmup"] = {k: warm[k] for k in ("requests", "rate", "ok", "non2xx", "max_ms")}
     result["closed"] = closed
-    result["open"] = opened
-    cpu_closed = cpu1_closed[1] - cpu0[1]
-    result["cpu_seconds_closed"] = round(cpu_closed, 3)
-    result["cpu_per_1000"] = round(cpu_closed / max(1, closed["requests"]) * 1000, 4)
-    result["cpu_share_open"] = round((cpu2[1] - cpu1[1]) / (cpu2[0] - cpu1[0]), 3)
-    answered_ok = warm["ok"] + closed["ok"] + opened["warmup_ok"]
-    answered_ok += sum(n for code, n in opened["statuses"].items() if code.startswith("2"))
+    result["cpu_seconds_closed"] = round(cpu, 3)
+    result["cpu_per_1000"] = round(cpu / max(1, closed["requests"]) * 1000, 4)
+    answered_ok = warm["ok"] + closed["ok"] + (result.get("profile") or {}).get("ok", 0)
+    result["answered_2xx"] = answered_ok
     # wrk stops with up to one request per connection in flight: published, never answered.
     result["unanswered_max"] = opts.connections * (2 + bool(profile))
-    if profile and "profile" in result:
-        answered_ok += result["profile"].get("ok", 0)
-    result["answered_2xx"] = answered_ok
-    if queue is not None:
-        result["messages"] = await ctx.topology.count(queue)
-    result["max_ms"] = max(closed["max_ms"], opened.get("max_ms", 0), warm["max_ms"])
-    result["invalid"] = invalid_reasons(result)
+    if launched.queue is not None:
+        result["messages"] = await ctx.topology.count(launched.queue)
+    result["max_ms"] = max(closed["max_ms"], warm["max_ms"])
     return result
 
 
 def invalid_reasons(r: dict[str, Any]) -> list[str]:
-    """Why a target's run cannot be trusted: answers that were not 2xx, messages missing."""
+    """Why a target's closed loop cannot be trusted: answers that were not 2xx, messages
+    missing or extra, events spooled under load."""
     reasons = [
         f"{phase}: {r[phase]['non2xx']} answers were not 2xx"
         for phase in ("warmup", "closed")
@@ -292,10 +141,10 @@ def invalid_reasons(r: dict[str, Any]) -> list[str]:
         for kind in ("connect", "read", "write", "timeout")
         if errors.get(kind)
     )
-    if r["open"].get("non2xx"):
+    if r.get("paths", {}).get("spooled"):
         reasons.append(
-            f"open loop: {r['open']['non2xx']} failed "
-            f"(statuses {r['open']['statuses']}, errors {r['open']['errors']})"
+            f"closed loop: {r['paths']['spooled']} events were spooled under load "
+            f"({r['paths'].get('direct', 0)} confirmed directly)"
         )
     if "messages" in r:
         ok, slack = r["answered_2xx"], r.get("unanswered_max", 0)
@@ -309,111 +158,58 @@ def invalid_reasons(r: dict[str, Any]) -> list[str]:
 
 async def run_profile(ctx: Context, server: Server, url: str, token: str) -> dict[str, Any]:
     """An extra closed-loop phase with py-spy sampling the server (not counted in the table):
-    collapsed stacks (``--format raw``, which speedscope and flamegraph.pl read) to
-    bench/results/, and a summary of where the time goes (bench/hotspots.py)."""
-    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if py_spy is None:
-        return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"profile-{ctx.run_id}-{server.name}.txt"
+    see ``targets.profile``."""
     seconds = ctx.opts.profile_seconds
-    spy = await asyncio.create_subprocess_exec(
-        *[py_spy, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking"],
-        *["--format", "raw", "--output", str(out), "--duration", str(seconds + 1)],
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    await asyncio.sleep(0.5)
-    load = await wrk(ctx.opts, url, seconds, token)
-    _, err = await spy.communicate()
-    if not out.exists():
-        return {"error": f"py-spy wrote nothing: {err.decode()[-500:]}", "ok": load["ok"]}
-    summary = hotspots.summarize(hotspots.parse(out.read_text()), top=25)
-    return {"file": str(out.relative_to(ROOT)), "rate": load["rate"], "ok": load["ok"], **summary}
+    return await profile(ctx, server, lambda: wrk(ctx.opts, url, seconds, token), "closed")
+
+
+async def run_confirm_ceiling(ctx: Context) -> dict[str, Any]:
+    """bench/confirm_ceiling.py: aio-pika publishing with confirms, no HTTP."""
+    opts, n = ctx.opts, ctx.names("confirm")
+    await ctx.topology.bind(n["exchange"], n["queue"])
+    try:
+        r = await clients.run_json(
+            [
+                *[sys.executable, "-m", "bench.confirm_ceiling", "--amqp-url", opts.amqp_url],
+                *["--exchange", n["exchange"], "--seconds", str(opts.duration)],
+                *["--warmup", str(opts.warmup), "--in-flight", str(opts.connections)],
+                *["--rate", f"{opts.redis_rate:g}", "--open-seconds", str(opts.open_seconds)],
+            ]
+        )
+        messages = await ctx.topology.count(n["queue"])
+    finally:
+        await ctx.topology.delete([n["exchange"]], [n["queue"]])
+    closed = {**r["closed"], "non2xx": 0, "max_ms": None}
+    return {
+        "target": "confirm",
+        "label": LABELS["confirm"],
+        "closed": closed,
+        "open": r["open"],
+        "cpu_per_1000": round(closed["cpu_seconds"] / closed["requests"] * 1000, 4),
+        "peak_rss_bytes": r["peak_rss_bytes"],
+        "messages": messages,
+        "answered_2xx": r["published"],
+        "max_ms": r["open"]["max_ms"],
+        "invalid": []
+        if messages == r["published"]
+        else [f"{messages} messages for {r['published']}"],
+    }
 
 
 async def run_target(ctx: Context, target: str) -> dict[str, Any]:
-    opts, n = ctx.opts, ctx.names(target)
+    """The closed loop of one target of ``TARGETS``."""
     if target == "confirm":
-        await ctx.topology.bind(n["exchange"], n["queue"])
-        try:
-            r = await clients.run_json(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.confirm_ceiling",
-                    "--amqp-url",
-                    opts.amqp_url,
-                    "--exchange",
-                    n["exchange"],
-                    "--seconds",
-                    str(opts.duration),
-                    "--warmup",
-                    str(opts.warmup),
-                    "--in-flight",
-                    str(opts.connections),
-                    "--rate",
-                    str(opts.rate),
-                    "--open-seconds",
-                    str(opts.open_seconds),
-                ]
-            )
-            messages = await ctx.topology.count(n["queue"])
-        finally:
-            await ctx.topology.delete([n["exchange"]], [n["queue"]])
-        closed = {**r["closed"], "non2xx": 0, "max_ms": None}
-        result = {
-            "target": target,
-            "label": LABELS[target],
-            "closed": closed,
-            "open": r["open"],
-            "cpu_per_1000": round(closed["cpu_seconds"] / closed["requests"] * 1000, 4),
-            "peak_rss_bytes": r["peak_rss_bytes"],
-            "messages": messages,
-            "answered_2xx": r["published"],
-            "max_ms": r["open"]["max_ms"],
-        }
-        result["invalid"] = (
-            [] if messages == r["published"] else [f"{messages} messages for {r['published']}"]
-        )
-        return result
-
-    port = free_port(3 if target == "workers" else 1)
-    url = f"http://127.0.0.1:{port}{EVENTS_PATH}"
-    if target == "http":
-        server = Server(target, [sys.executable, str(BENCH / "http_ceiling.py"), str(port)],
-                        child_environ(), ctx.workdir)  # fmt: skip
-        return await measure_server(
-            ctx, target, server, lambda: wait_tcp(port), url, "", queue=None
-        )
-    await ctx.topology.bind(n["exchange"], n["queue"])
-    created_exchanges, created_queues = [n["exchange"]], [n["queue"]]
+        return await run_confirm_ceiling(ctx)
+    profile = ctx.opts.profile and target in ("naive", "relay", "redis")
     try:
-        if target == "naive":
-            env = child_environ(AMQP_URL=opts.amqp_url, EXCHANGE=n["exchange"], PORT=str(port))
-            server = Server(target, [sys.executable, str(BENCH / "naive_relay.py")], env,
-                            ctx.workdir)  # fmt: skip
-            return await measure_server(
-                ctx,
-                target,
-                server,
-                lambda: wait_tcp(port),
-                url,
-                "",
-                queue=n["queue"],
-                profile=opts.profile,
-            )
-        ctx.topology.track([n["unrouted"]], [n["unrouted"]])
-        created_exchanges.append(n["unrouted"])
-        created_queues.append(n["unrouted"])
-        return await run_relay_target(ctx, target, port, url)
-    finally:
-        await ctx.topology.delete(created_exchanges, created_queues)
-        if target in ("redis", "workers"):
-            try:
-                cleanup_redis(ctx, target)
-            except (OSError, subprocess.SubprocessError) as exc:
-                print(f"bench: could not delete the Redis keys of {target}: {exc}")
+        async with launch(ctx, target) as launched:
+            result = await closed_loop(ctx, launched, profile)
+    except NotAvailable as exc:
+        return {"target": target, "label": LABELS[target], "na": str(exc)}
+    if launched.log:
+        result["log"] = launched.log
+    result["invalid"] = invalid_reasons(result)
+    return result
 
 
 async def broker_settles(idle_share: float = 0.15, timeout: float = 30.0) -> None:
@@ -430,69 +226,6 @@ async def broker_settles(idle_share: float = 0.15, timeout: float = 30.0) -> Non
         await asyncio.sleep(1.0)
         if tree.cpu_seconds() - before < idle_share:
             return
-
-
-async def run_relay_target(ctx: Context, target: str, port: int, url: str) -> dict[str, Any]:
-    extra: dict[str, str] = {}
-    if target in ("redis", "workers"):
-        extra.update(await redis_extra(ctx, target))
-    if target == "workers":
-        extra["RELAY_HTTP_WORKERS"] = "2"
-    notify = NotifySocket(ctx.workdir)
-    try:
-        env = relay_env(ctx, target, port, notify, **extra)
-        ok, message, _ = await check_config(env)
-        if not ok:
-            return {"target": target, "label": LABELS[target], "na": f"check-config: {message}"}
-
-        async def verify() -> str | None:
-            if "RELAY_DEDUP_BACKEND" not in extra:
-                return None
-            _, health = await clients.get_json(f"http://127.0.0.1:{port}/health")
-            backend = (health.get("dedup") or {}).get("backend")
-            if backend != "redis":
-                return (
-                    f'dedup.backend = "redis" is accepted but /health reports the {backend} '
-                    "store (no Redis store on this branch)"
-                )
-            return None
-
-        server = Server(target, relay_argv(), env, ctx.workdir)
-        result = await measure_server(
-            ctx,
-            target,
-            server,
-            notify.wait_ready,
-            url,
-            ctx.token,
-            queue=ctx.names(target)["queue"],
-            verify=verify,
-            profile=ctx.opts.profile and target in ("relay", "redis"),
-        )
-        if "na" not in result:
-            ctx.ready_times.append(result["ready_seconds"])
-            result["log"] = log_summary(server.log_path)
-            if len(result["log"]) > 1 or result.get("invalid"):  # warnings, errors: keep it
-                RESULTS.mkdir(exist_ok=True)
-                kept = RESULTS / f"{ctx.run_id}-{target}.log"
-                shutil.copyfile(server.log_path, kept)
-                result["log"]["file"] = str(kept.relative_to(ROOT))
-        return result
-    finally:
-        notify.close()
-
-
-def log_summary(path: Path) -> dict[str, Any]:
-    """Lines and levels in a relay's JSON log."""
-    levels: Counter[str] = Counter()
-    lines = 0
-    with path.open("rb") as f:
-        for raw in f:
-            lines += 1
-            for level in (b"warning", b"error", b"critical"):
-                if b'"level":"' + level + b'"' in raw:
-                    levels[level.decode()] += 1
-    return {"lines": lines, **levels}
 
 
 async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
@@ -622,10 +355,22 @@ def loadavg() -> list[float]:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for name in ("aiohttp", "aio-pika", "aiormq", "uvloop", "orjson", "structlog", "retm-relay"):
+    names = ("aiohttp", "aio-pika", "aiormq", "pamqp", "uvloop", "orjson", "structlog", "redis")
+    for name in (*names, "retm-relay"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
+
+
+#: The parts after the closed loops, in order: name (for --only, and the key of its results)
+#: -> (what it measures, the coroutine that runs it). A new part is one entry here.
+PARTS: dict[str, tuple[str, Callable[[Context], Awaitable[dict[str, Any]]]]] = {
+    "dedup": ("RSS with --dedup-keys live dedup keys", run_dedup_rss),
+    "spool": ("spool ingest and drain", run_spool),
+    "ready": ("start to READY=1", run_ready),
+}
+FAILURES = (RuntimeError, OSError, aio_pika.exceptions.AMQPError)
+NAMES = ("rates", *TARGETS, *PARTS)
 
 
 async def run(opts: Options) -> dict[str, Any]:
@@ -654,37 +399,43 @@ async def run(opts: Options) -> dict[str, Any]:
         )
         if not ok:
             raise SystemExit(f"bench: the example configuration does not check: {message}")
+        if opts.wants("rates"):
+            rates = ", ".join(f"{r:g}" for r in opts.rates)
+            print(f"  fixed rates ({rates} req/s; {opts.redis_rate:g} with Redis) ...", flush=True)
+            started = time.perf_counter()
+            try:
+                results["rates"] = await run_fixed_rates(ctx)
+            except FAILURES as exc:
+                results["rates"] = {"error": str(exc)}
+            print(f"    ({time.perf_counter() - started:.0f} s)", flush=True)
+            await broker_settles()
         for target in TARGETS:
-            if target not in opts.only:
+            if not opts.wants(target):
                 continue
-            print(f"  {LABELS[target]} ...", flush=True)
+            print(f"  {LABELS[target]}, closed loop ...", flush=True)
             started = time.perf_counter()
             try:
                 results["targets"][target] = await run_target(ctx, target)
-            except (RuntimeError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            except FAILURES as exc:
                 results["targets"][target] = {"target": target, "label": LABELS[target],
                                               "error": str(exc)}  # fmt: skip
             r = results["targets"][target]
-            summary = r.get("na") or r.get("error") or f"{r['closed']['rate']:,.0f} req/s"
-            print(f"    {summary} ({time.perf_counter() - started:.0f} s)", flush=True)
+            outcome = r.get("na") or r.get("error") or f"{r['closed']['rate']:,.0f} req/s"
+            print(f"    {outcome} ({time.perf_counter() - started:.0f} s)", flush=True)
             await broker_settles()
-        for extra, func, label in (
-            ("dedup", run_dedup_rss, f"RSS with {opts.dedup_keys:,} dedup keys"),
-            ("spool", run_spool, "spool ingest and drain"),
-            ("ready", run_ready, "start to READY=1"),
-        ):
-            if extra not in opts.only:
+        for name, (label, part) in PARTS.items():
+            if not opts.wants(name):
                 continue
             print(f"  {label} ...", flush=True)
             try:
-                results[extra] = await func(ctx)
-            except (RuntimeError, OSError, aio_pika.exceptions.AMQPError) as exc:
-                results[extra] = {"error": str(exc)}
+                results[name] = await part(ctx)
+            except FAILURES as exc:
+                results[name] = {"error": str(exc)}
     finally:
         await topology.close()
         shutil.rmtree(workdir, ignore_errors=True)
     results["machine"]["loadavg_end"] = loadavg()
-    results["ready_seconds_all_starts"] = ctx.ready_times
+    results["ready_seconds_all_starts"] = [round(t, 3) for t in ctx.ready_times]
     results["checks"] = compute_checks(results)
     return results
 
@@ -700,8 +451,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--warmup", type=int, default=d.warmup, help="seconds")
     parser.add_argument("--connections", type=int, default=d.connections)
     parser.add_argument("--threads", type=int, default=d.threads, help="wrk threads")
-    parser.add_argument("--rate", type=float, default=d.rate, help="open loop, req/s")
-    parser.add_argument("--open-seconds", type=float, default=d.open_seconds)
+    parser.add_argument(
+        "--rates",
+        default=",".join(f"{r:g}" for r in d.rates),
+        help="fixed rates (req/s, comma-separated) of retm-relay against the naive relay",
+    )
+    parser.add_argument(
+        "--redis-rate", type=float, default=d.redis_rate, help="Redis against memory, req/s"
+    )
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="per fixed rate")
+    parser.add_argument("--open-seconds", type=float, default=d.open_seconds, help="per round")
+    parser.add_argument("--open-warmup", type=float, default=d.open_warmup, help="per round")
     parser.add_argument("--spool-seconds", type=int, default=d.spool_seconds)
     parser.add_argument("--ready-starts", type=int, default=d.ready_starts)
     parser.add_argument("--dedup-keys", type=int, default=d.dedup_keys)
@@ -710,25 +470,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--queue-type", default=d.queue_type, choices=("classic", "quorum"))
     parser.add_argument(
         "--only",
-        default=",".join(d.only),
-        help=f"comma-separated subset of {','.join(TARGETS + EXTRAS)}",
+        default="",
+        help=f"comma-separated subset of {','.join(NAMES)} (default: all)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 3 s closed loop, 1 s warm-up, 3 s open loop, 2 s spool, 1 start",
+        help="a smoke run: 3 s closed loop, 1 s warm-up, 1 round of 2 s per fixed rate, "
+        "2 s spool, 1 start",
     )
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the measurements of the naive relay and of retm-relay with the memory "
-        "store and with Redis, sample each with py-spy under load",
+        help="sample the naive relay and retm-relay with py-spy at --profile-rate after the "
+        "fixed rates, and under the closed loop (with Redis too)",
     )
     parser.add_argument("--profile-seconds", type=int, default=d.profile_seconds)
+    parser.add_argument(
+        "--profile-rate", type=float, default=d.profile_rate, help="fixed rate of --profile"
+    )
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
     args = parser.parse_args(argv)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
-    unknown = set(only) - set(TARGETS + EXTRAS)
+    unknown = set(only) - set(NAMES)
     if unknown:
         parser.error(f"unknown --only names: {', '.join(sorted(unknown))}")
     opts = Options(
@@ -736,8 +500,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         warmup=args.warmup,
         connections=args.connections,
         threads=args.threads,
-        rate=args.rate,
+        rates=tuple(float(r) for r in args.rates.split(",") if r.strip()),
+        redis_rate=args.redis_rate,
+        rounds=args.rounds,
         open_seconds=args.open_seconds,
+        open_warmup=args.open_warmup,
         spool_seconds=args.spool_seconds,
         ready_starts=args.ready_starts,
         dedup_keys=args.dedup_keys,
@@ -747,9 +514,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         only=only,
         profile=args.profile,
         profile_seconds=args.profile_seconds,
+        profile_rate=args.profile_rate,
     )
     if args.quick:
-        opts.duration, opts.warmup, opts.open_seconds = 3, 1, 3
+        opts.duration, opts.warmup, opts.open_seconds, opts.rounds = 3, 1, 2, 1
         opts.spool_seconds, opts.ready_starts, opts.profile_seconds = 2, 1, 5
     return opts, args
 
@@ -772,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(results))
     print()
+    print(summary(results))
+    print()
     saved = path.relative_to(ROOT)
     print(f"results: {saved} (as markdown: python -m bench.run --markdown {saved})")
     load = results["machine"]
@@ -780,18 +550,23 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {load['loadavg_start']} at the start, {load['loadavg_end']} at "
             "the end: other work was running, so these numbers are noisy."
         )
-    for target in ("naive", "relay", "redis"):
-        prof = (results["targets"].get(target) or {}).get("profile")
+    at_rate = ((results.get("rates") or {}).get("targets")) or {}
+    for where, target, prof in [
+        *((f"at {opts.profile_rate:g} req/s", t, (at_rate.get(t) or {}).get("profile"))
+          for t in ("naive", "relay")),
+        *(("under the closed loop", t, (results["targets"].get(t) or {}).get("profile"))
+          for t in ("naive", "relay", "redis")),
+    ]:  # fmt: skip
         if prof and "error" in prof:
-            print(f"profile of {LABELS[target]}: {prof['error']}")
+            print(f"profile of {LABELS[target]} {where}: {prof['error']}")
         elif prof:
-            print(f"\nprofile of {LABELS[target]} under load ({prof['file']}):")
+            print(f"\nprofile of {LABELS[target]} {where} ({prof['file']}):")
             print(hotspots.render(prof))
-    failed = any(c["status"] == "FAIL" for c in results["checks"])
+    failed = any(c["status"] in ("FAIL", "INVALID") for c in results["checks"])
     invalid = any(r.get("invalid") for r in results["targets"].values())
     invalid = invalid or bool((results.get("spool") or {}).get("invalid"))
     errors = [k for k, r in results["targets"].items() if "error" in r]
-    errors += [k for k in EXTRAS if "error" in (results.get(k) or {})]
+    errors += [k for k in ("rates", *PARTS) if "error" in (results.get(k) or {})]
     if errors:
         print(f"errors in: {', '.join(errors)}")
     return 1 if failed or invalid or errors else 0

@@ -4,16 +4,27 @@ JSON lines (one object per line, ``event`` holding a stable dotted name such as
 ``webhook.accepted``) when stdout is not a terminal, as under systemd and journald; a readable
 console format on a terminal. aiohttp's and aio-pika's standard-library loggers go through the
 same processors, so every line has the same shape. A request id is bound through contextvars.
+
+JSON lines are written in batches (``LineWriter``): a line at INFO or below waits at most
+``FLUSH_DELAY`` seconds in memory, and every line waiting goes out in writes of at most
+``PIPE_BUF`` bytes, whole lines each. One write per webhook was a blocking system call on the
+event loop for each event; a WARNING or worse, a line written outside the event loop's thread,
+and the process's exit flush at once. A SIGKILL loses at most the last ``FLUSH_DELAY`` seconds
+of INFO lines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import select
 import sys
+import threading
 import time
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
-from typing import Any, Literal, TextIO
+from typing import Any, BinaryIO, Literal, TextIO
 
 import orjson
 import structlog
@@ -28,6 +39,95 @@ LEVELS = {
 
 
 _iso_second: list[Any] = [-1, ""]
+
+#: seconds an INFO line may wait for the next batch write
+FLUSH_DELAY = 0.1
+#: the largest write: up to this size a write to a pipe is atomic, so the lines of several
+#: worker processes sharing one pipe never run into each other
+PIPE_BUF = select.PIPE_BUF
+
+
+class LineWriter:
+    """A structlog logger (and stdlib logging stream) writing lines to ``raw`` in batches.
+
+    ``msg`` (debug and info) keeps the line and, from the event loop's thread, schedules a
+    flush ``FLUSH_DELAY`` seconds later; a batch of ``PIPE_BUF`` bytes flushes at once.
+    ``warning``, ``error`` and the like, and a line logged where no event loop runs, flush at
+    once, after the lines before them. Thread-safe; the process's exit flushes what waits.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.flush)
+
+    def msg(self, message: bytes) -> None:
+        """Queue one line (without its newline)."""
+        line = message + b"\n"
+        with self._lock:
+            self._lines.append(line)
+            self._size += len(line)
+            if self._size < PIPE_BUF and self._timer is None:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    pass
+                else:
+                    self._timer = loop.call_later(FLUSH_DELAY, self.flush)
+                    return
+            elif self._size < PIPE_BUF:
+                return
+            self._write()
+
+    def now(self, message: bytes) -> None:
+        """Write one line (without its newline) at once, after the lines waiting."""
+        with self._lock:
+            self._lines.append(message + b"\n")
+            self._write()
+
+    debug = info = msg
+    log = warn = warning = fatal = failure = err = error = critical = exception = now
+
+    def flush(self) -> None:
+        """Write every line waiting."""
+        with self._lock:
+            self._write()
+
+    def write(self, text: str) -> None:
+        """The stdlib logging stream side: ``text`` goes out at once, after the lines waiting
+        (standard-library records are warnings and errors of libraries, and rare)."""
+        with self._lock:
+            self._lines.append(text.encode())
+            self._write()
+
+    def _write(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lines, self._lines, self._size = self._lines, [], 0
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > PIPE_BUF:
+                self._raw.write(b"".join(chunk))
+                self._raw.flush()  # one write() per chunk, never two chunks in one
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._raw.write(b"".join(chunk))
+        self._raw.flush()
+
+
+class _LineWriterFactory:
+    def __init__(self, writer: LineWriter) -> None:
+        self.writer = writer
+
+    def __call__(self, *_: Any) -> LineWriter:
+        return self.writer
 
 
 def iso_utc_millis(ts: float) -> str:
@@ -126,12 +226,15 @@ def configure_logging(
         renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_text)
         # The relay's own lines (one per webhook) skip the bytes -> str -> bytes round trip.
         own_renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_bytes)
-        factory: Any = structlog.BytesLoggerFactory(stream.buffer)
+        writer = LineWriter(stream.buffer)
+        factory: Any = _LineWriterFactory(writer)
+        target: Any = writer
     else:
         renderer = own_renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
         factory = structlog.WriteLoggerFactory(stream)
-    # Either factory writes each line in one write() (print() makes two: the text, then "\n"),
-    # so the lines of several worker processes sharing stdout never run into each other.
+        target = stream
+    # Each line goes out whole in one write() (print() makes two: the text, then "\n"), so
+    # the lines of several worker processes sharing stdout never run into each other.
 
     structlog.configure(
         processors=[*shared, own_renderer],
@@ -140,7 +243,7 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
 
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(target)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[

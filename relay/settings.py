@@ -106,8 +106,9 @@ class AmqpSettings:
     try them (a TOML array, or comma-separated in ``RELAY_AMQP_URL``; kept as one masked
     secret, ``urls()`` splits it). ``exchanges`` maps an event family (the routing key's first
     word, ``order``) to its own exchange; other events go to ``exchange``. ``passive`` only
-    checks that the exchanges and the unrouted queue exist, for a broker user without the
-    configure permission. Times in seconds.
+    checks that the exchanges and the relay's own queues exist, for a broker user without the
+    configure permission. ``fast_publish`` false forces aiormq's public ``basic_publish``
+    instead of the relay's own frame writer (relay/amqp/senders.py). Times in seconds.
     """
 
     url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
@@ -120,6 +121,7 @@ class AmqpSettings:
     connect_timeout: float = 5.0
     heartbeat: int = 10
     passive: bool = False
+    fast_publish: bool = True
 
     def urls(self) -> tuple[str, ...]:
         """The broker nodes' URLs, in the configured order (at least one after validation)."""

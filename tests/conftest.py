@@ -26,6 +26,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from multidict import CIMultiDict
 
+from relay.http.app import PUBLISHER
 from relay.service import Relay
 from relay.settings import Settings, load_settings
 from relay.spool.store import Spool
@@ -272,14 +273,30 @@ StartRelay = Callable[..., Awaitable[RunningRelay]]
 
 
 @pytest.fixture
-async def start_relay(broker: Broker, names: Names, tmp_path: Path) -> AsyncIterator[StartRelay]:
+def publish_path() -> str:
+    """How test relays publish (relay/amqp/senders.py): "fast", the default, or "public"
+    (aiormq's ``basic_publish``, ``RELAY_AMQP_FAST_PUBLISH=false``). A module runs its tests
+    through both with ``pytest.mark.parametrize("publish_path", PUBLISH_PATHS)``."""
+    return "fast"
+
+
+PUBLISH_PATHS = ("fast", "public")
+
+
+@pytest.fixture
+async def start_relay(
+    broker: Broker, names: Names, tmp_path: Path, publish_path: str
+) -> AsyncIterator[StartRelay]:
     """Start relays with ``RELAY_*`` overrides, as in
     ``await start_relay(RELAY_AMQP_PUBLISH_TIMEOUT="1")``. Each waits until it can make events
-    durable unless ``wait_durable=False``."""
+    durable unless ``wait_durable=False``, and then publishes on the ``publish_path``."""
     running: list[RunningRelay] = []
     session = aiohttp.ClientSession()
 
     async def start(*, wait_durable: bool = True, **overrides: str) -> RunningRelay:
+        chosen = "RELAY_AMQP_FAST_PUBLISH" in overrides  # a test that sets it checks it
+        if publish_path == "public" and not chosen:
+            overrides["RELAY_AMQP_FAST_PUBLISH"] = "false"
         environ = relay_environ(names, tmp_path / f"state{len(running)}", **overrides)
         settings = load_settings(None, environ)
         own = (settings.amqp.unrouted_exchange, settings.amqp.rejected_exchange)
@@ -291,6 +308,8 @@ async def start_relay(broker: Broker, names: Names, tmp_path: Path) -> AsyncIter
         if wait_durable:
             async with asyncio.timeout(15):
                 await relay.wait_durable()
+            if not chosen:
+                assert relay.app[PUBLISHER].publish_path == publish_path
         return r
 
     yield start

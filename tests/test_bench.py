@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.fixed_rate import invalid_reasons, pool
 from bench.harness import (
     NotifySocket,
     ProcessTree,
@@ -30,8 +31,8 @@ from bench.harness import (
 from bench.hotspots import parse
 from bench.hotspots import summarize as summarize_profile
 from bench.openloop import body_parts, percentile, summarize
-from bench.report import compute_checks, render
-from bench.run import Context, Options, cleanup_redis, redis_cli
+from bench.report import compute_checks, render, summary, verdict
+from bench.targets import Context, Options, cleanup_redis, redis_cli
 from tests.conftest import AMQP_URL, REDIS_URL, Broker, Names, fixture_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,56 +68,120 @@ def test_percentiles_are_nearest_rank() -> None:
     assert summarize([]) == {"count": 0}
 
 
-def _target(rate: float, p99: float, max_ms: float) -> dict[str, Any]:
+def _closed(rate: float, max_ms: float, invalid: list[str] | None = None) -> dict[str, Any]:
     return {
         "label": "x",
         "closed": {"rate": rate, "max_ms": max_ms},
-        "open": {"p50_ms": 1.0, "p99_ms": p99, "p999_ms": p99, "max_ms": max_ms},
         "cpu_per_1000": 0.5,
         "peak_rss_bytes": 50 * 1024 * 1024,
         "max_ms": max_ms,
-        "invalid": [],
+        "paths": {},
+        "invalid": invalid or [],
     }
 
 
-def test_checks_pass_fail_and_na() -> None:
-    """Each of issue 5's targets gets PASS, FAIL or N/A from the measured values."""
+def _at(p99: float, cpu_ms: float, spooled: int = 0) -> dict[str, Any]:
+    return {
+        "count": 1000, "p50_ms": 1.0, "p99_ms": p99, "p999_ms": p99, "max_ms": p99,
+        "rounds_p99_ms": [p99], "cpu_ms_per_event": cpu_ms, "client_lag_p99_ms": 0.1,
+        "paths": {"direct": 1000 - spooled, "spooled": spooled},
+    }  # fmt: skip
+
+
+def test_checks_are_ratios_of_targets_measured_side_by_side() -> None:
+    """Each of issue 14's targets gets PASS or FAIL from the ratio of two measurements of the
+    same run; one spooled under load makes its checks INVALID; the verdict counts them all."""
     results: dict[str, Any] = {
+        "rates": {
+            "plan": {"naive": [100, 400], "relay": [100, 400, 500], "redis": [500]},
+            "targets": {
+                "naive": {"rates": {"100": _at(10.0, 1.0), "400": _at(10.0, 1.0)}, "invalid": []},
+                "relay": {
+                    "rates": {
+                        "100": _at(9.0, 0.7),
+                        "400": _at(12.0, 0.9, spooled=3),
+                        "500": _at(10.0, 0.6),
+                    },
+                    "invalid": [
+                        "@400 req/s: 3 events were spooled under load (997 confirmed directly)"
+                    ],
+                },
+                "redis": {"rates": {"500": _at(11.0, 0.6)}, "invalid": []},
+            },
+        },
         "targets": {
-            "naive": _target(1000, 20, 50),
-            "relay": _target(1200, 9.5, 1001),
+            "confirm": _closed(4000, 5),
+            "naive": _closed(1000, 50),
+            "relay": _closed(1200, 40),
             "redis": {"label": "retm-relay, Redis store", "na": "no Redis store on this branch"},
         },
-        "dedup": {
-            "keys": 1_000_000,
-            "entries": 1_000_000,
-            "evictions": 0,
-            "rss_baseline_bytes": 50 * 1024 * 1024,
-            "rss_bytes": 150 * 1024 * 1024,
-            "bytes_per_key": 104.9,
-            "peak_rss_bytes": 160 * 1024 * 1024,
-        },
-        "spool": {"na": "no spool on this branch"},
         "ready": {"starts": [1.2, 1.7, 1.4], "median": 1.4, "max": 1.7},
     }
-    checks = {c["check"]: c["status"] for c in compute_checks(results)}
-    assert checks == {
-        "throughput @32, retm-relay, memory store": "PASS",
-        "p99 @500 req/s, retm-relay, memory store": "PASS",
-        "throughput @32, retm-relay, Redis store": "N/A",
-        "no answer over 1 s (every retm-relay run)": "FAIL",
-        "RSS with 1,000,000 dedup keys": "PASS",
-        "spool ingest, broker link cut": "N/A",
-        "spool drain, broker back": "N/A",
-        "start to READY=1 (median)": "PASS",
+    checks = compute_checks(results)
+    assert {c["check"]: (c["status"], c["ratio"]) for c in checks} == {
+        "p99 @100 req/s": ("PASS", "0.90x"),
+        "CPU per event @100 req/s": ("PASS", "0.70x"),
+        "p99 @400 req/s": ("INVALID", "1.20x"),
+        "CPU per event @400 req/s": ("INVALID", "0.90x"),
+        "req/s @32 connections": ("PASS", "1.20x"),
+        "p99 @500 req/s, Redis store (baseline: memory store)": ("PASS", "1.10x"),
+        "no answer over 1 s (every retm-relay run)": ("PASS", ""),
+        "start to READY=1 (median)": ("PASS", ""),
     }
-    results["checks"] = compute_checks(results)
-    text = render(results)
-    assert "retm-relay, memory store / naive relay (bench/naive_relay.py): 1.20x" in text
-    assert "FAIL  no answer over 1 s" in text
-    assert "150.0 MB (peak 160.0 MB; relay process before loading 50.0 MB; 105 bytes/key" in text
-    markdown = render(results, markdown=True)
-    assert "| retm-relay, Redis store | n/a: no Redis store on this branch |" in markdown
+    assert verdict(checks) == (
+        "INVALID: 2 of 8 checks invalid (p99 @400 req/s, CPU per event @400 req/s); "
+        "no other failure"
+    )
+    results["checks"] = checks
+    text = summary(results)
+    assert "retm-relay @32 connections: 0.30x of the confirm ceiling (4,000 confirms/s" in text
+    assert "retm-relay, memory store: @100: 1,000 / 0; @400: 997 / 3; @500: 1,000 / 0" in text
+    assert "INVALID  p99 @400 req/s: retm-relay: @400 req/s: 3 events were spooled" in text
+    details = render(results)
+    assert "retm-relay, memory store @400 [INVALID]" in details
+    assert "retm-relay, Redis store, closed loop" not in details
+    assert "| retm-relay, Redis store | n/a: no Redis store on this branch |" in render(
+        results, markdown=True
+    )
+
+
+def test_a_failed_target_fails_the_verdict() -> None:
+    """A ratio over its target is FAIL, and the verdict names it."""
+    checks = [
+        {"check": "p99 @100 req/s", "status": "FAIL"},
+        {"check": "CPU per event @100 req/s", "status": "PASS"},
+        {"check": "RSS", "status": "N/A"},
+    ]
+    assert verdict(checks) == "FAIL: 1 of 2 checks failed (p99 @100 req/s) (1 not measured)"
+    assert verdict(checks[1:]) == "PASS: all 1 checks passed (1 not measured)"
+
+
+def test_rounds_pool_into_one_measurement_and_spooling_is_invalid() -> None:
+    """The rounds of one target at one rate pool their latencies, answers, CPU and paths; a
+    spooled event, a failed request or a queue that does not match makes the target invalid."""
+
+    def phase(latencies: list[float], spooled: int) -> dict[str, Any]:
+        return {
+            "latencies_ms": latencies, "statuses": {"200": len(latencies)}, "warmup_ok": 10,
+            "non2xx": 0, "errors": {}, "cpu_seconds": 0.5, "p99_ms": max(latencies),
+            "client_lag_p99_ms": 0.2, "paths": {"direct": len(latencies) + 10 - spooled,
+                                                "spooled": spooled},
+        }  # fmt: skip
+
+    pooled = pool([phase([1.0] * 99 + [50.0], 0), phase([2.0] * 100, 2)])
+    assert pooled["count"] == 200
+    assert pooled["p99_ms"] == 2.0
+    assert pooled["max_ms"] == 50.0
+    assert pooled["rounds_p99_ms"] == [50.0, 2.0]
+    assert pooled["answered_2xx"] == 220
+    assert pooled["cpu_ms_per_event"] == round(1.0 / 220 * 1000, 4)
+    assert pooled["paths"] == {"direct": 218, "spooled": 2}
+    assert invalid_reasons({"400": pooled}, 220, 219) == [
+        "@400 req/s: 2 events were spooled under load (218 confirmed directly)",
+        "the queue holds 219 messages for 220 2xx answers",
+    ]
+    pooled["paths"] = {"direct": 220, "spooled": 0}
+    assert invalid_reasons({"400": pooled}, 220, 220) == []
 
 
 def test_profile_summary_shares() -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from relay.http.auth import token_digest
 from tests.conftest import (
+    PUBLISH_PATHS,
     TOKEN,
     Broker,
     Names,
@@ -33,6 +34,9 @@ NOTIFICATIONS = [
     ("customer.updated.json", "customer.updated"),
     ("customer.deleted.json", "customer.deleted"),
 ]
+
+# the whole contract through the fast path and through aiormq's public basic_publish
+pytestmark = pytest.mark.parametrize("publish_path", PUBLISH_PATHS)
 
 
 @pytest.mark.parametrize(("fixture", "routing_key"), NOTIFICATIONS)

@@ -15,6 +15,7 @@ from relay.http.app import DEDUP, FORWARDER, PUBLISHER, SPOOL
 from relay.service import StartupError
 from relay.spool.store import connect, read_stats
 from tests.conftest import (
+    PUBLISH_PATHS,
     Broker,
     Names,
     RunningRelay,
@@ -25,6 +26,9 @@ from tests.conftest import (
     wait_for,
 )
 from tests.proxy import FaultProxy
+
+# the whole contract through the fast path and through aiormq's public basic_publish
+pytestmark = pytest.mark.parametrize("publish_path", PUBLISH_PATHS)
 
 
 def body(tag: str, n: int) -> bytes:

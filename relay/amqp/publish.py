@@ -6,12 +6,12 @@ publish; many publishes are in flight at once and RabbitMQ acknowledges them in 
 routing key, the broker returns it and the relay republishes it to the unrouted exchange, with
 the intended routing key in a header, before it answers. An event is never dropped.
 
-Publishes go out through ``_Sender``: the frames of every publish made during one event-loop
-turn are marshalled by ``relay.wire`` and written in one go, with their confirmations
-registered on aiormq's channel exactly as its own ``basic_publish`` registers them, so acks,
-nacks, returns and a channel close settle them the usual way. (aiormq's ``basic_publish``
-marshals each frame with pamqp and wakes its writer once per message; under load that was most
-of the relay's time per webhook.)
+Publishes go out through a sender of ``relay.amqp.senders``: the fast path, where the frames of
+every publish made during one event-loop turn are marshalled by ``relay.amqp.wire`` and written
+in one go, with their confirmations registered on aiormq's channel exactly as its own
+``basic_publish`` registers them, so acks, nacks, returns and a channel close settle them the
+usual way; or, when the fast path fails its checks on a new channel (or ``amqp.fast_publish``
+is false), aiormq's public ``basic_publish``. Which one is in use, and why, is on /health.
 
 The link is supervised by ``relay.link`` (which says why not by aio-pika's ``connect_robust``):
 the topology is declared on each new channel, and a mismatch at the first connection stops the
@@ -28,7 +28,6 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal
 
 import aio_pika
@@ -36,10 +35,10 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from aiormq.abc import ChannelFrame
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from aiormq.exceptions import (
     AMQPError,
+    ChannelAccessRefused,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
@@ -48,8 +47,16 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from relay.amqp import wire
 from relay.amqp.link import Link, SupervisedLink, broker_address, describe
+from relay.amqp.senders import (
+    FastSender,
+    Properties,
+    PublicSender,
+    PublishPath,
+    Sender,
+    internals_problem,
+    probe,
+)
 from relay.errors import BrokerUnavailable, TopologyError
 from relay.metrics import Metrics
 from relay.routing import Route, Router
@@ -84,8 +91,12 @@ PERSISTENT = 2
 #: then costs a reconnect, and the events wait in the spool as they would anyway.
 NACKS_BEFORE_RESET = 32
 #: seconds without any answer to an outstanding publish after which the link is suspect:
-#: new events go to the spool instead of joining the queue of unanswered publishes
-SUSPECT_AFTER = 0.25
+#: new events go to the spool instead of joining the queue of unanswered publishes. (0.25 s
+#: took a busy broker for a dead one: RabbitMQ writing persistent messages on a loaded host is
+#: silent for a few hundred milliseconds at times, and once one event is spooled every next
+#: one queues behind it, so the relay then ran on the spool for seconds; see
+#: docs/performance.md.)
+SUSPECT_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,70 +126,10 @@ class Envelope:
         return CONTENT_TYPE
 
 
-class _Sender:
-    """Writes the Basic.Publish frames made during one event-loop turn in one write.
-
-    Each ``send`` returns the publish's confirmation future. At the end of the turn, ``_flush``
-    gives every publish of the batch the channel's next delivery tag and registers its future in
-    the channel's ``confirmations`` (and its message_id for returns), exactly as aiormq's
-    ``basic_publish`` does, then hands the frames to the connection's writer as one frame group.
-    Tags are assigned and frames queued in one synchronous step, so they stay in the order the
-    broker numbers them, also alongside aiormq's own ``basic_publish`` on the same channel.
-    """
-
-    __slots__ = ("_batch", "_loop", "channel", "max_content", "number")
-
-    def __init__(self, channel: aiormq.Channel) -> None:
-        self.channel = channel
-        self.number = channel.number
-        self.max_content = channel.max_content_size
-        self._loop = asyncio.get_running_loop()
-        self._batch: list[tuple[bytes, str, asyncio.Future[Any]]] = []
-
-    def send(self, frames: bytes, message_id: str) -> asyncio.Future[Any]:
-        """Queue the frames of one publish; its future settles with the broker's answer (the
-        Basic.Ack frame; PublishError when returned, DeliveryError when nacked, an AMQPError
-        when the channel closes first)."""
-        future: asyncio.Future[Any] = self.channel.create_future()
-        if not self._batch:
-            self._loop.call_soon(self._flush)
-        self._batch.append((frames, message_id, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, []
-        channel = self.channel
-        if channel.is_closed:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(ChannelInvalidStateError(f"channel {channel} closed"))
-            return
-        parts = []
-        confirmations, by_message_id = channel.confirmations, channel.message_id_delivery_tag
-        for frames, message_id, future in batch:
-            if future.done():  # failed while waiting for this turn (the link died)
-                continue
-            channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            confirmations[tag] = future
-            by_message_id[message_id] = tag
-            future.add_done_callback(partial(_forget_message_id, by_message_id, message_id, tag))
-            parts.append(frames)
-        if parts:
-            channel.write_queue.put_nowait(
-                ChannelFrame(payload=b"".join(parts), should_close=False)
-            )
-
-
-def _forget_message_id(table: dict[str, int], message_id: str, tag: int, _: object) -> None:
-    if table.get(message_id) == tag:
-        del table[message_id]
-
-
 @dataclass(slots=True, kw_only=True)
 class _Link(Link):
     underlay: aiormq.Channel
-    sender: _Sender
+    sender: Sender
     #: loop time of the broker's latest answer (confirm, nack, return) to a publish
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
@@ -296,6 +247,14 @@ class Publisher(SupervisedLink[_Link]):
         self.metrics = metrics
         self.connected_since: float | None = None
         self.reconnects = 0
+        #: how publishes reach the broker (``relay.amqp.senders``): "fast" until the fast path
+        #: fails a check on a new channel or ``amqp.fast_publish`` is false; then "public" for
+        #: the rest of the process, with the reason in ``publish_path_reason``
+        self.publish_path: PublishPath = "fast" if settings.fast_publish else "public"
+        self.publish_path_reason = "" if settings.fast_publish else "amqp.fast_publish = false"
+        #: whether the probe publish has run (once per process: it checks aiormq's code, and
+        #: the state of each new channel is checked anyway)
+        self._probed = False
 
     def status(self) -> dict[str, Any]:
         """Link state for /health and readiness."""
@@ -307,6 +266,8 @@ class Publisher(SupervisedLink[_Link]):
             "connected_since": self.connected_since,
             "reconnects": self.reconnects,
             "last_error": self.last_error or None,
+            "publish_path": self.publish_path,
+            "publish_path_reason": self.publish_path_reason or None,
         }
 
     # -- the link --------------------------------------------------------------------------
@@ -322,12 +283,61 @@ class Publisher(SupervisedLink[_Link]):
     ) -> _Link:
         await self.declare(channel)
         underlay = await channel.get_underlay_channel()
-        assert isinstance(underlay, aiormq.Channel)  # for the _Sender's frames
+        assert isinstance(underlay, aiormq.Channel)  # for the senders (relay.amqp.senders)
         transport = connection.kwargs["transport_factory"]
         assert isinstance(transport, _RecordingTransport)
-        return _Link(
-            connection, channel, underlay=underlay, sender=_Sender(underlay), transport=transport
-        )
+        sender = await self._sender(connection, underlay)
+        return _Link(connection, channel, underlay=underlay, sender=sender, transport=transport)
+
+    async def _sender(self, connection: aio_pika.Connection, channel: aiormq.Channel) -> Sender:
+        """The fast path on ``channel`` when it passes its checks (``relay.amqp.senders``),
+        else aiormq's public ``basic_publish`` from now on (logged once, shown on /health).
+
+        The state of every new channel is checked; the probe publish runs once per process,
+        on a channel of its own (a broker user without write permission on the default
+        exchange closes only that one; the fast path is then checked on the state alone).
+        Raises an AMQPError when the link died during the probe.
+        """
+        if self.publish_path == "public":
+            return PublicSender(channel)
+        problem = internals_problem(channel)
+        if problem is None and not self._probed:
+            problem = await self._probe(connection)
+        if problem is None:
+            return FastSender(channel)
+        self._fall_back(problem)
+        return PublicSender(channel)
+
+    async def _probe(self, connection: aio_pika.Connection) -> str | None:
+        """Run ``senders.probe`` on a channel of its own; what went wrong, or None."""
+        probing = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            underlay = await probing.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)
+            problem = internals_problem(underlay) or await probe(FastSender(underlay))
+        except ChannelAccessRefused:
+            problem = None
+            self.publish_path_reason = (
+                "the broker refused the probe publish to the default exchange: the fast "
+                "path was checked on aiormq's channel state only"
+            )
+            log.warning("publish.probe_refused", broker=self.address)
+        except AMQPError as exc:
+            if connection.is_closed:
+                raise  # the link died during the probe: no verdict, reconnect
+            problem = f"the probe publish closed its channel: {describe(exc)}"
+        finally:
+            if not probing.is_closed:
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                    await probing.close()
+        self._probed = True
+        return problem
+
+    def _fall_back(self, reason: str) -> None:
+        """Publish with aiormq's ``basic_publish`` for the rest of the process."""
+        self.publish_path = "public"
+        self.publish_path_reason = f"fast path failed its check: {reason}"
+        log.warning("publish.fallback", reason=reason)
 
     def _link_up(self) -> None:
         self.connected_since = time.time()
@@ -479,27 +489,20 @@ class Publisher(SupervisedLink[_Link]):
         exchange: str,
         extra_headers: dict[str, str] | None,
     ) -> asyncio.Future[Any]:
-        """Marshal and queue one publish of ``envelope`` to ``exchange``; its confirmation."""
+        """Queue one publish of ``envelope`` to ``exchange`` on the link's sender; its
+        confirmation."""
         headers = {**envelope.headers, **extra_headers} if extra_headers else envelope.headers
-        sender = link.sender
-        frames = wire.publish_frames(
-            sender.number,
-            exchange,
-            envelope.route.routing_key,
-            envelope.body,
-            wire.properties(
-                content_type=envelope.content_type,
-                headers=headers,
-                delivery_mode=PERSISTENT,
-                message_id=envelope.message_id,
-                timestamp=int(envelope.received_at),
-                message_type=envelope.event,
-                app_id=APP_ID,
-            ),
-            sender.max_content,
+        props = Properties(
+            envelope.content_type,
+            headers,
+            PERSISTENT,
+            envelope.message_id,
+            int(envelope.received_at),
+            envelope.event,
+            APP_ID,
         )
-        confirmation = sender.send(frames, envelope.message_id)
-        link.inflight[confirmation] = link.sender._loop.time()
+        confirmation = link.sender.send(exchange, envelope.route.routing_key, envelope.body, props)
+        link.inflight[confirmation] = asyncio.get_running_loop().time()
         confirmation.add_done_callback(link.settled)
         return confirmation
 

@@ -35,8 +35,11 @@ log = structlog.get_logger("relay.forward")
 FORWARD_WINDOW = 64
 #: direct publishes allowed in flight at once; beyond it new events are spooled (reason
 #: ``backlog``). It bounds what a dying link can leave unconfirmed (possible second copies)
-#: and the confirm latency a slow link can build up.
-MAX_DIRECT_IN_FLIGHT = 128
+#: and the confirm latency a slow link can build up. It is a guard, not a working limit: at
+#: 1,000 events a second it allows a second of confirm latency (128 allowed 0.13 s, which a
+#: busy 2-core host exceeded, and once an event is spooled every next one queues behind it:
+#: the relay then ran on the spool, at more CPU per event, until the load dropped).
+MAX_DIRECT_IN_FLIGHT = 1024
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between rounds after a failed forward
 
 
