@@ -21,6 +21,7 @@ from relay.dedup.redis import RedisDedupStore, connect, redis_address
 from relay.http.access import Access
 from relay.http.auth import TokenAuthenticator
 from relay.http.health import Health
+from relay.http.limits import BodyBudget, ConnectionGuard, edge_limits
 from relay.http.status import StatusPage
 from relay.ingest import Ingest, error_response
 from relay.logs import count_bad_requests
@@ -57,6 +58,9 @@ BROKER_START_WAIT = 1.0
 TOKENS = web.AppKey("tokens", TokenRegistry)
 INSTALL = web.AppKey("install", InstallFlow)
 LOYALTY = web.AppKey("loyalty", Loyalty)
+#: slow and idle clients, the connection cap (relay.http.limits); the service's site uses it
+GUARD = web.AppKey("guard", ConnectionGuard)
+BUDGET = web.AppKey("budget", BodyBudget)
 
 
 @web.middleware
@@ -146,7 +150,9 @@ def make_app(
             "auth.short_tokens", count=short, minimum=MIN_TOKEN_CHARS
         )
     access = Access(settings.http, metrics)
-    middlewares = [access.middleware, json_errors] if access.active else [json_errors]
+    guard, budget = edge_limits(settings.http, metrics)
+    middlewares = [guard.middleware, access.middleware] if access.active else [guard.middleware]
+    middlewares += [budget.middleware, json_errors]
     app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -158,6 +164,8 @@ def make_app(
     app[ACCESS] = access
     app[SPOOL] = spool
     app[FORWARDER] = forwarder
+    app[GUARD] = guard
+    app[BUDGET] = budget
 
     app.router.add_post(
         settings.http.events_path,
