@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from relay.http.app import BUDGET, GUARD
 from relay.http.limits import OncePerInterval
+from relay.settings import HttpSettings
 from tests.conftest import (
     TOKEN,
     Broker,
@@ -347,3 +348,15 @@ async def test_bodies_beyond_max_inflight_bytes_get_503_before_being_read(
 def _padded(n: int, size: int) -> bytes:
     prefix = b'{"event":"order.created","reference":"big-%d","pad":"' % n
     return prefix + b"x" * (size - len(prefix) - 2) + b'"}'
+
+
+def test_unit_sets_the_open_file_and_memory_limits() -> None:
+    """systemd/retm-relay.service sets LimitNOFILE=65536 (far above http.max_connections'
+    default), and MemoryHigh below MemoryMax, both above the bench's 400 MB target."""
+    unit = (Path(__file__).resolve().parent.parent / "systemd/retm-relay.service").read_text()
+    values = dict(line.split("=", 1) for line in unit.splitlines() if line and line[0].isupper())
+    megabytes = {key: int(values[key].removesuffix("M")) for key in ("MemoryHigh", "MemoryMax")}
+
+    assert values["LimitNOFILE"] == "65536"
+    assert int(values["LimitNOFILE"]) > 4 * HttpSettings().max_connections
+    assert 400 < megabytes["MemoryHigh"] < megabytes["MemoryMax"]
