@@ -43,10 +43,15 @@ from relay.amqp.publish import Envelope
 from relay.dedup.memory import digest as key_digest
 from relay.errors import BrokerUnavailable, RelayError
 from relay.routing import Route
+from relay.statefiles import private_database, private_file
 
 log = structlog.get_logger("relay.spool")
 
 MAX_BATCH = 2048  # operations per transaction
+#: bytes the WAL file is cut back to after a checkpoint (it grows beyond while a burst is
+#: being written); an emptied spool truncates it to zero (``compact``)
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 ROW_OVERHEAD = 64  # bytes counted per row besides body, headers and ids
 PRUNE_INTERVAL = 60.0  # seconds between sweeps of expired dedup keys
 RESUME_FRACTION = 0.9  # a full spool accepts again below 90 % of both limits
@@ -134,15 +139,30 @@ def connect(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) a spool database at ``path``: WAL mode, the schema, a 5 s busy
     timeout, autocommit (transactions are explicit). Raises SpoolError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)  # 0600 whatever the umask (relay/statefiles.py)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        # Before the first table: a new spool frees pages incrementally (see ``compact``).
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA journal_size_limit=67108864")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.executescript(_SCHEMA)
     except (OSError, sqlite3.Error) as exc:
         raise SpoolError(f"cannot open the spool {path}: {exc}") from None
     return conn
+
+
+def compact(conn: sqlite3.Connection) -> None:
+    """Give the space of an emptied spool back to the file system: free pages are cut from
+    the end of the file (``incremental_vacuum``) and the WAL is checkpointed and truncated to
+    zero bytes. A spool made before auto_vacuum was set is rewritten once (``VACUUM``) to turn
+    it on. Outside a transaction; cheap on an empty spool."""
+    (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+    if mode != AUTO_VACUUM_INCREMENTAL:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+    conn.executescript("PRAGMA incremental_vacuum;")  # (execute would free one page only)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
 
 def read_stats(conn: sqlite3.Connection) -> SpoolStats:
@@ -194,8 +214,8 @@ class SpoolLock:
 
     def acquire(self) -> None:
         """Take the lock or raise SpoolError naming the file."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        private_file(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -278,6 +298,10 @@ class Spool:
         self.spooled_total = 0
         #: transactions committed by the writer thread (group commit: fewer than writes)
         self.commits = 0
+        #: times an emptied spool gave its space back (``compact``)
+        self.compactions = 0
+        #: set on the writer thread by a delete that emptied the spool
+        self._compact_after_commit = False
         self._on_write = on_write
         self._clock = clock
         self._lock = SpoolLock(path)
@@ -451,6 +475,8 @@ class Spool:
         def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
             count, size = delete_events(conn, seqs)
             head = conn.execute("SELECT spooled_at FROM events ORDER BY seq LIMIT 1").fetchone()
+            if head is None and count:
+                self._compact_after_commit = True  # the spool is empty: give the space back
             return count, size, head[0] if head else None
 
         try:
@@ -654,6 +680,8 @@ class Spool:
                 if self.write_error is not None:
                     log.info("spool.write_recovered", error=self.write_error)
                     self.write_error = None
+                if self._compact_after_commit:
+                    self._compact(conn)
         for op in ops:
             if op.kind == "read":
                 try:
@@ -665,6 +693,17 @@ class Spool:
         if results:  # (a round of delivered keys alone wakes nobody on the event loop)
             self._loop.call_soon_threadsafe(_settle_all, results)
         return mode
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        """``compact`` after a delete emptied the spool (on the writer thread). A failure is
+        logged and left for the next time the spool empties."""
+        self._compact_after_commit = False
+        try:
+            compact(conn)
+        except sqlite3.Error as exc:
+            log.warning("spool.compact_failed", error=str(exc))
+            return
+        self.compactions += 1
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         """Cut expired keys, and the oldest beyond ``dedup_max_entries``, from the front of the
