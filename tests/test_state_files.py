@@ -76,6 +76,7 @@ async def test_state_files_are_0600_whatever_the_umask(
         "spool.db-wal",
         "spool.db-shm",
         "spool.db.lock",
+        "spool.db.sent",
         "tokens.sqlite3",
         "tokens.sqlite3-wal",
         "tokens.sqlite3-shm",

@@ -314,8 +314,9 @@ def _spool_metrics(metrics: Metrics, spool: Spool, forwarder: Forwarder) -> None
     )
     metrics.counter_callback(
         "relay_spool_redelivered",
-        "Forwarded events whose earlier publish had been left unconfirmed by a lost link: "
-        "each may reach consumers twice, with the same message_id.",
+        "Forwarded events whose earlier publish had been left unconfirmed, by a lost link or "
+        "by a stop or crash of the relay (forwarded again after the restart): each may reach "
+        "consumers twice, with the same message_id.",
         lambda: forwarder.redelivered,
     )
     metrics.counter_callback(

@@ -11,7 +11,11 @@ publishes in flight at a time (RabbitMQ confirms them in batches), and deletes e
 after its confirm. An event whose first publish timed out is *held* until that publish settles:
 a late confirm deletes the row (no second copy); a failure releases it to the forwarder. A row
 whose earlier publish was left unconfirmed by a dying link may reach the queue twice, with the
-same message_id; those forwards are counted in ``relay_spool_redelivered_total``.
+same message_id; so may a row published when the relay was killed, before its confirm came
+back (at most ``FORWARD_WINDOW`` rows). Those forwards are counted in
+``relay_spool_redelivered_total``. A confirmed row's delete is fsynced, so it never comes back.
+A burst of webhooks waits for a direct publish slot (``BACKLOG_WAIT``) rather than going to the
+spool, so a healthy broker confirms it directly and a crash after it forwards nothing again.
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ log = structlog.get_logger("relay.forward")
 
 #: publishes of spooled events in flight at once (what a dying link can leave unconfirmed)
 FORWARD_WINDOW = 64
-#: direct publishes allowed in flight at once; beyond it new events are spooled (reason
-#: ``backlog``). It bounds what a dying link can leave unconfirmed (possible second copies)
-#: and the confirm latency a slow link can build up.
+#: direct publishes allowed in flight at once; beyond it a new event waits for a free slot,
+#: up to BACKLOG_WAIT seconds, and is spooled after that (reason ``backlog``). It bounds what
+#: a dying link can leave unconfirmed (possible second copies) and the confirm latency a slow
+#: link can build up.
 MAX_DIRECT_IN_FLIGHT = 128
+#: seconds a new event waits for a direct publish slot before it is spooled. A burst the
+#: broker confirms as fast as it comes is then never spooled: a crash right after it leaves
+#: nothing to forward again (forwarded rows published but unconfirmed at a SIGKILL are what
+#: can reach consumers twice)
+BACKLOG_WAIT = 1.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between rounds after a failed forward
 
 
@@ -47,28 +57,45 @@ class StoreAndForward:
         self.publisher = publisher
         self.spool = spool
         self.metrics = metrics
+        self._slots = asyncio.Semaphore(MAX_DIRECT_IN_FLIGHT)
+
+    def _why_spool(self) -> str | None:
+        """Why a new event must go to the spool now (None: publish it directly)."""
+        publisher = self.publisher
+        if self.spool.depth:
+            return "queued"  # behind events already spooled: keep the spool's order
+        if not publisher.connected.is_set():
+            return "disconnected"
+        if publisher.suspect:
+            return "stalled"  # do not add to the publishes a silent link holds
+        return None
 
     async def deliver(self, envelope: Envelope) -> str:
         """Make ``envelope`` durable: ``accepted`` (confirmed by the broker) or ``spooled``
         (fsynced to the spool). Raises BrokerUnavailable (``spool_full``, ``spool_error``)
         when neither is possible, so the webhook answers 503."""
-        publisher, spool = self.publisher, self.spool
+        spool, slots = self.spool, self._slots
         pending: asyncio.Future[Any] | None = None
-        if spool.depth:
-            reason = "queued"  # behind events already spooled: keep the spool's order
-        elif not publisher.connected.is_set():
-            reason = "disconnected"
-        elif publisher.suspect:
-            reason = "stalled"  # do not add to the publishes a silent link holds
-        elif publisher.in_flight() >= MAX_DIRECT_IN_FLIGHT:
-            reason = "backlog"
-        else:
-            try:
-                await publisher.publish(envelope)
-            except BrokerUnavailable as exc:
-                reason, pending = exc.reason, exc.pending
+        reason = self._why_spool()
+        if reason is None:
+            if not slots.locked():
+                await slots.acquire()  # (free: returns at once)
             else:
-                return "accepted"
+                try:
+                    async with asyncio.timeout(BACKLOG_WAIT):
+                        await slots.acquire()
+                except TimeoutError:
+                    reason = "backlog"
+            if reason is None:
+                try:
+                    reason = self._why_spool()  # (things may have changed while it waited)
+                    if reason is None:
+                        await self.publisher.publish(envelope)
+                        return "accepted"
+                except BrokerUnavailable as exc:
+                    reason, pending = exc.reason, exc.pending
+                finally:
+                    slots.release()
         seq = await spool.put(envelope, reason, pending)
         if reason == "channel_closed":  # the link died after the publish went out
             spool.maybe_sent.add(seq)
@@ -229,15 +256,22 @@ class Forwarder:
             return
         rows = await spool.peek(room, after=run.cursor)
         run.exhausted = len(rows) < room
+        batch_rows: list[SpooledEvent] = []
+        passed = run.cursor  # the last row read before a held one
         for row in rows:
             if row.seq in spool.held:
                 run.exhausted = True  # its first publish may still be confirmed: wait
-                return
-            run.cursor = row.seq
+                break
+            passed = row.seq
             if row.seq not in spool.deleting:
-                task = asyncio.ensure_future(self._publish(row))
-                task.add_done_callback(run.finished.put_nowait)
-                run.inflight[task] = row.seq
+                batch_rows.append(row)
+        run.cursor = passed
+        # logged before they go out: after a crash, forwarding one again is a redelivery
+        spool.mark_sent([row.seq for row in batch_rows])
+        for row in batch_rows:
+            task = asyncio.ensure_future(self._publish(row))
+            task.add_done_callback(run.finished.put_nowait)
+            run.inflight[task] = row.seq
 
     def _settle(
         self, done: set[asyncio.Task[bool]], inflight: dict[asyncio.Task[bool], int]
