@@ -61,7 +61,7 @@ from typing import Any
 
 import aio_pika
 
-from bench import clients, hotspots
+from bench import clients, hotspots, memory_budget
 from bench.harness import (
     NotifySocket,
     ProcessTree,
@@ -726,6 +726,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     )
     parser.add_argument("--profile-seconds", type=int, default=d.profile_seconds)
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
+    parser.add_argument(
+        "--memory-budget",
+        action="store_true",
+        help="only the memory-budget run (bench/memory_budget.py); a full run ends with it",
+    )
     args = parser.parse_args(argv)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(only) - set(TARGETS + EXTRAS)
@@ -759,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(render(json.loads(Path(args.markdown).read_text()), markdown=True))
         return 0
+    if args.memory_budget:
+        return memory_budget.main(opts.amqp_url)
     wrk_path = shutil.which("wrk")
     if wrk_path is None:
         print("bench: wrk is not installed (Debian: apt-get install wrk; `make bench` does it)")
@@ -794,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     errors += [k for k in EXTRAS if "error" in (results.get(k) or {})]
     if errors:
         print(f"errors in: {', '.join(errors)}")
-    return 1 if failed or invalid or errors else 0
+    memory_failed = memory_budget.main(opts.amqp_url)
+    return 1 if failed or invalid or errors or memory_failed else 0
 
 
 if __name__ == "__main__":

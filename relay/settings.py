@@ -97,7 +97,7 @@ class HttpSettings:
     read_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     max_connections: int = 4096
-    max_inflight_bytes: int = 33_554_432
+    max_inflight_bytes: int = 8_388_608
 
 
 @dataclass(frozen=True, slots=True)

@@ -390,6 +390,10 @@ class BodyBudget:
                 body_bytes=size,
                 detail="answered 503 before reading the body",
             )
+            # None of the body is read: the client reads the 503 and hangs up (or aiohttp's
+            # lingering close gives up after http.read_timeout)
+            if request.transport is not None:
+                request.transport.pause_reading()
             return error_response(
                 503,
                 "unavailable",
