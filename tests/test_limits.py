@@ -130,6 +130,8 @@ async def test_idle_and_slow_clients_leave_webhooks_and_healthz_answered(
         )
     stop = asyncio.Event()
     slow: list[asyncio.Task[None]] = []
+    own = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # room for this side's sockets
     try:
         relay.url = (await relay.wait_log("relay.listening"))["url"]
         for _ in range(1500):
@@ -157,6 +159,7 @@ async def test_idle_and_slow_clients_leave_webhooks_and_healthz_answered(
         stop.set()
         await asyncio.gather(*slow)
         await relay.kill()
+        resource.setrlimit(resource.RLIMIT_NOFILE, own)
 
     assert webhook[0] == 200
     assert webhook[1]["status"] == "accepted"

@@ -758,6 +758,7 @@ class Spool:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+                self._compact_after_commit = False  # (the delete did not happen)
                 error = BrokerUnavailable("spool_error", f"the spool write failed: {exc}")
                 results += [(op.future, None, error) for op in writes]
                 if self.write_error is None:  # one line per change of state, not per write
@@ -768,8 +769,6 @@ class Spool:
                 if self.write_error is not None:
                     log.info("spool.write_recovered", error=self.write_error)
                     self.write_error = None
-                if self._compact_after_commit:
-                    self._compact(conn)
         for op in ops:
             if op.kind == "read":
                 try:
@@ -780,6 +779,8 @@ class Spool:
         assert self._loop is not None
         if results:  # (a round of delivered keys alone wakes nobody on the event loop)
             self._loop.call_soon_threadsafe(_settle_all, results)
+        if self._compact_after_commit:  # (after the answers: nobody waits for it)
+            self._compact(conn)
         return mode
 
     def _compact(self, conn: sqlite3.Connection) -> None:
