@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from relay.spool.forward import FORWARD_WINDOW
 from tests.conftest import (
     TOKEN,
     Broker,
@@ -104,18 +105,21 @@ async def _drained(url: str) -> bool:
 async def test_rows_forwarded_again_after_a_crash_are_counted_as_redelivered(
     broker: Broker, names: Names, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    """200 events spooled while the broker link is cut; once it is back the relay is killed
-    with SIGKILL while the forwarder drains them. After the restart, the rows it had
-    published without a committed delete are reported at the spool's opening
-    (``sent_unconfirmed``), forwarded again, and counted exactly so in
-    ``relay_spool_redelivered_total``; every event is on the queue, no other one twice."""
+    """1,000 events spooled while the broker link is cut; once it is back and the forwarder
+    drains them, the link stalls (its publishes stay unconfirmed) and the relay is killed
+    with SIGKILL. After the restart, the rows it had published without a committed delete
+    are reported at the spool's opening (``sent_unconfirmed``, at most the forwarder's
+    window), forwarded again, and counted exactly so in ``relay_spool_redelivered_total``;
+    every event is on the queue, none twice but those."""
     tap = await broker.tap(names.exchange)
-    environ = relay_environ(names, tmp_path / "state", RELAY_AMQP_URL=proxy_url(fault_proxy))
+    environ = relay_environ(
+        names,
+        tmp_path / "state",
+        RELAY_AMQP_URL=proxy_url(fault_proxy),
+        RELAY_AMQP_PUBLISH_TIMEOUT="1",
+    )
     first = await RelayProcess(environ).start()
-    bodies = [
-        b'{"event":"order.created","reference":"drain-%d","pad":"%s"}' % (i, b"z" * 100_000)
-        for i in range(200)
-    ]
+    bodies = [b'{"event":"order.created","reference":"drain-%d"}' % i for i in range(1000)]
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     fault_proxy.cut()
     await first.wait_log("broker.disconnected")
@@ -126,11 +130,16 @@ async def test_rows_forwarded_again_after_a_crash_are_counted_as_redelivered(
                 await r.read()
                 return r.status
 
-        statuses = [await post(b) for b in bodies]
+        statuses = []
+        for start in range(0, len(bodies), 100):
+            statuses += await asyncio.gather(*(post(b) for b in bodies[start : start + 100]))
         fault_proxy.restore()
-        await wait_for(lambda: _draining(first.url, 200), timeout=30, what="the drain to start")
+        await wait_for(lambda: _draining(first.url, 1000), timeout=30, what="the drain to start")
+        fault_proxy.stall()
+        await first.wait_log("broker.stalled")  # forwarded publishes went unconfirmed
     first.signal(signal.SIGKILL)
     await first.wait()
+    fault_proxy.restore()
 
     second = await RelayProcess(environ).start()
     try:
@@ -144,8 +153,8 @@ async def test_rows_forwarded_again_after_a_crash_are_counted_as_redelivered(
     finally:
         await second.kill()
 
-    assert statuses == [200] * 200
-    assert opened["sent_unconfirmed"] >= 1
+    assert statuses == [200] * 1000
+    assert 1 <= opened["sent_unconfirmed"] <= FORWARD_WINDOW
     assert redelivered == opened["sent_unconfirmed"]
     assert sum(count - 1 for count in copies.values()) <= opened["sent_unconfirmed"]
 

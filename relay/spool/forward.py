@@ -100,6 +100,8 @@ class StoreAndForward:
                 finally:
                     slots.release()
         seq = await spool.put(envelope, reason, pending)
+        if pending is not None or reason == "channel_closed":  # the publish went out
+            spool.mark_sent([seq])  # (a forward after a restart is then a redelivery)
         if reason == "channel_closed":  # the link died after the publish went out
             spool.maybe_sent.add(seq)
         self.metrics.spooled(reason)
@@ -112,12 +114,21 @@ class _Drain:
 
     limit: int | None
     inflight: dict[asyncio.Task[bool], int] = field(default_factory=dict)
-    finished: asyncio.Queue[asyncio.Task[bool]] = field(default_factory=asyncio.Queue)
+    #: publishes that finished, and None for each delete that finished
+    finished: asyncio.Queue[asyncio.Task[bool] | None] = field(default_factory=asyncio.Queue)
     cursor: int = 0
     moved: int = 0
     confirmed: list[int] = field(default_factory=list)
     exhausted: bool = False
     failed: bool = False
+    #: confirmed rows in the delete being written
+    deleting: int = 0
+
+    @property
+    def undeleted(self) -> int:
+        """Confirmed rows whose delete is not committed yet: they hold their window slot, so
+        that what a crash can forward again stays within the window."""
+        return len(self.confirmed) + self.deleting
 
 
 class Forwarder:
@@ -220,20 +231,27 @@ class Forwarder:
             if progress is not None:
                 progress(moved)
 
+        def wake(_: object) -> None:
+            run.deleting = 0
+            run.finished.put_nowait(None)
+
         while True:
             if not (run.failed or run.exhausted or self._closing):
                 await self._fill(run)
-            if not run.inflight:
+            if not run.inflight and (deleting is None or deleting.done()):
                 break
-            done = {await run.finished.get()}
+            finished = [await run.finished.get()]
             while not run.finished.empty():
-                done.add(run.finished.get_nowait())
+                finished.append(run.finished.get_nowait())
+            done = {task for task in finished if task is not None}
             confirmed = self._settle(done, run.inflight)
             run.failed = run.failed or len(confirmed) < len(done)
             run.confirmed += confirmed
             run.moved += len(confirmed)
             if run.confirmed and (deleting is None or deleting.done()):
+                run.deleting = len(run.confirmed)
                 deleting = asyncio.ensure_future(delete(run.confirmed, run.moved))
+                deleting.add_done_callback(wake)
                 run.confirmed = []
             if spool.changed.is_set() and not run.failed:
                 spool.changed.clear()
@@ -250,7 +268,7 @@ class Forwarder:
         """Read rows after the cursor and publish them, up to the window (in groups of a
         quarter window, not one read per confirm)."""
         spool = self.spool
-        room = self.window - len(run.inflight)
+        room = self.window - len(run.inflight) - run.undeleted
         batch = max(1, self.window // 4)
         if run.limit is not None:
             room = min(room, run.limit - run.moved - len(run.inflight))
