@@ -71,9 +71,9 @@ _REFUSED_BODY = orjson.dumps(
 
 
 class OncePerInterval:
-    """A WARNING line per event name, at most once per ``interval`` seconds: the first at
-    once, later ones carry ``since_last`` (occurrences since the previous line, this one
-    included). clock: monotonic seconds (injectable for tests)."""
+    """A log line per event name, at most once per ``interval`` seconds: the first at once,
+    later ones carry ``since_last`` (occurrences since the previous line, this one included).
+    clock: monotonic seconds (injectable for tests)."""
 
     def __init__(
         self, interval: float = LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
@@ -84,14 +84,21 @@ class OncePerInterval:
         self._count: dict[str, int] = {}
 
     def warning(self, event: str, **fields: Any) -> None:
-        """Count one ``event``; log it when its interval has passed."""
+        """Count one ``event``; log it at WARNING when its interval has passed."""
+        self._log(log.warning, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Count one ``event``; log it at INFO when its interval has passed."""
+        self._log(log.info, event, fields)
+
+    def _log(self, emit: Callable[..., Any], event: str, fields: dict[str, Any]) -> None:
         self._count[event] = self._count.get(event, 0) + 1
         now = self._clock()
         last = self._last.get(event)
         if last is not None and now - last < self.interval:
             return
         self._last[event] = now
-        log.warning(event, since_last=self._count.pop(event), **fields)
+        emit(event, since_last=self._count.pop(event), **fields)
 
 
 class _Connection:
@@ -227,7 +234,7 @@ class ConnectionGuard:
         idle_for = asyncio.get_running_loop().time() - conn.idle_since
         if idle_for >= self.keepalive_timeout - _KEEPALIVE_SLACK:  # aiohttp's keep-alive close
             self._count("keepalive")
-            self._log.warning(
+            self._log.info(  # routine: keep-alive clients go idle
                 "http.keepalive_timeout",
                 keepalive_timeout=self.keepalive_timeout,
                 detail="idle connections closed",
