@@ -165,6 +165,8 @@ def compute_checks(results: dict[str, Any]) -> list[dict[str, str]]:
             ratio=f"{ratio:.2f}x",
         )  # fmt: skip
     _absolute_checks(results, add)
+    for name, target, value, ok in (results.get("memory") or {}).get("checks") or []:
+        add(f"memory budget: {name}", target, value, bool(ok))
     return checks
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import aio_pika
 
-from bench import clients, hotspots
+from bench import clients, hotspots, memory_budget
 from bench.fixed_rate import run_fixed_rates
 from bench.harness import (
     NotifySocket,
@@ -362,12 +362,20 @@ def versions() -> dict[str, str]:
     return found
 
 
+async def run_memory(ctx: Context) -> dict[str, Any]:
+    """The memory-budget run (bench/memory_budget.py) on the run's broker."""
+    result = await memory_budget.run(ctx.opts.amqp_url)
+    print(memory_budget.render(result), flush=True)
+    return result
+
+
 #: The parts after the closed loops, in order: name (for --only, and the key of its results)
 #: -> (what it measures, the coroutine that runs it). A new part is one entry here.
 PARTS: dict[str, tuple[str, Callable[[Context], Awaitable[dict[str, Any]]]]] = {
     "dedup": ("RSS with --dedup-keys live dedup keys", run_dedup_rss),
     "spool": ("spool ingest and drain", run_spool),
     "ready": ("start to READY=1", run_ready),
+    "memory": ("memory budget: concurrent 1 MB webhooks (bench/memory_budget.py)", run_memory),
 }
 FAILURES = (RuntimeError, OSError, aio_pika.exceptions.AMQPError)
 NAMES = ("rates", *TARGETS, *PARTS)
@@ -490,6 +498,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         "--profile-rate", type=float, default=d.profile_rate, help="fixed rate of --profile"
     )
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
+    parser.add_argument(
+        "--memory-budget",
+        action="store_true",
+        help="only the memory-budget run (bench/memory_budget.py; also --only memory)",
+    )
     args = parser.parse_args(argv)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(only) - set(NAMES)
@@ -527,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(render(json.loads(Path(args.markdown).read_text()), markdown=True))
         return 0
+    if args.memory_budget:
+        return memory_budget.main(opts.amqp_url)
     wrk_path = shutil.which("wrk")
     if wrk_path is None:
         print("bench: wrk is not installed (Debian: apt-get install wrk; `make bench` does it)")

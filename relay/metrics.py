@@ -160,6 +160,15 @@ class Metrics:
             "Loyalty replies that arrived after their request's deadline (discarded).",
             registry=r,
         )
+        self._connections_closed = Counter(
+            "relay_http_connections_closed",
+            "Connections the relay closed to protect itself, by reason: read_timeout (headers "
+            "or body not received within http.read_timeout), keepalive (idle for "
+            "http.keepalive_timeout), evicted (the longest-idle one, for a new connection at "
+            "http.max_connections), refused (a new one at the cap, with none idle).",
+            ["reason"],
+            registry=r,
+        )
         info = Gauge("relay_info", "Build information.", ["version"], registry=r)
         info.labels(__version__).set(1)
         Gauge("relay_start_time_seconds", "Start time of the process (Unix time).", registry=r).set(
@@ -303,6 +312,11 @@ class Metrics:
     def in_flight(self, delta: int) -> None:
         """Requests being handled changed by ``delta``."""
         self.in_flight_now += delta
+
+    def connection_closed(self, reason: str) -> None:
+        """The relay closed a client connection for ``reason`` (``read_timeout``,
+        ``keepalive``, ``evicted``, ``refused``)."""
+        self._child(self._connections_closed, reason).inc()
 
     def broker_connected(self, up: bool) -> None:
         """The broker link went up or down."""

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from relay import __version__
 from relay.errors import ConfigError, RelayError
-from relay.http.app import HEALTH, METRICS, SPOOL, make_app
+from relay.http.app import GUARD, HEALTH, METRICS, SPOOL, make_app
+from relay.http.limits import GuardedSite, raise_nofile_limit
 from relay.http.protocol import JsonErrorRunner
 from relay.http.tls import CertificateStore
 from relay.settings import Settings
@@ -75,6 +75,8 @@ class Relay:
             auto_decompress=False,  # the ingest stage decompresses, bounded by max_body_bytes
             handle_signals=False,
             shutdown_timeout=settings.http.shutdown_timeout,
+            keepalive_timeout=settings.http.keepalive_timeout,  # aiohttp closes idle ones
+            lingering_time=settings.http.read_timeout,  # the unread rest of a body, at most
         )
         self.addresses: list[tuple[str, int]] = []
         #: this worker's own URL (None when the relay is one process)
@@ -117,8 +119,10 @@ class Relay:
             raise StartupError(str(exc)) from None
         reuse_port = self.worker is not None or None
         ssl_context = self.certificates.context if self.certificates is not None else None
-        site = web.TCPSite(
+        guard = self.app[GUARD]
+        site = GuardedSite(
             self.runner,
+            guard,
             http.host,
             http.port,
             backlog=1024,
@@ -131,12 +135,15 @@ class Relay:
             await self.runner.cleanup()
             what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc}"
             raise StartupError(f"http.host/http.port {http.host}:{http.port} {what}") from None
-        server = site._server  # aiohttp has no public accessor for the bound sockets
-        sockets = getattr(server, "sockets", None) or []
-        self.addresses = [sock.getsockname()[:2] for sock in sockets]
+        self.addresses = site.bound
         if self.worker is not None:
-            own = web.TCPSite(
-                self.runner, http.host, self.worker.port, reuse_port=True, ssl_context=ssl_context
+            own = GuardedSite(
+                self.runner,
+                guard,
+                http.host,
+                self.worker.port,
+                reuse_port=True,
+                ssl_context=ssl_context,
             )
             try:
                 await own.start()
@@ -145,7 +152,7 @@ class Relay:
                 raise StartupError(
                     f"http.worker_port_base: {http.host}:{self.worker.port} cannot be bound: {exc}"
                 ) from None
-            self.worker_url = worker_url(http.host, own.port, tls=ssl_context is not None)
+            self.worker_url = worker_url(http.host, own.bound[0][1], tls=ssl_context is not None)
         log.info("relay.listening", url=self.url, worker_url=self.worker_url, version=__version__)
 
     def reload(self) -> None:
@@ -200,6 +207,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    raise_nofile_limit()
     relay = Relay(settings, worker=worker)
     announced = _handle_reload(relay, notifier)
     background: list[asyncio.Task[None]] = []

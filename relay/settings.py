@@ -72,7 +72,15 @@ class HttpSettings:
     ``X-Forwarded-For``/``X-Forwarded-Proto`` are believed. ``allow_sources`` (CIDRs; empty:
     any) and ``rate_limit`` (requests per second per source, 0: off) with ``rate_burst``
     (requests) guard every route but the monitoring ones. Plain HTTP on an address other than
-    loopback needs ``trusted_proxies`` (TLS terminated in front of the relay)."""
+    loopback needs ``trusted_proxies`` (TLS terminated in front of the relay).
+
+    Slow and idle clients (``relay.http.limits``): ``read_timeout`` (seconds) bounds a
+    request's headers and body, counted from its first byte (RETM itself gives up after 10 s);
+    ``keepalive_timeout`` (seconds) closes a connection idle between requests (keep it above a
+    reverse proxy's own upstream keep-alive timeout, 60 s in nginx); ``max_connections`` caps
+    open connections (at the cap the longest-idle one is closed for a new one).
+    ``max_inflight_bytes`` bounds the request bodies held at once (bytes); beyond it a webhook
+    is answered 503 with Retry-After before its body is read."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -88,6 +96,10 @@ class HttpSettings:
     allow_sources: tuple[str, ...] = ()
     rate_limit: float = 0.0
     rate_burst: int = 20
+    read_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 4096
+    max_inflight_bytes: int = 8_388_608
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,6 +586,18 @@ def validate(s: Settings) -> None:
         s.http.events_path != s.http.errors_path, "http.errors_path", "must differ from events_path"
     )
     _check(0 < s.http.shutdown_timeout <= 600, "http.shutdown_timeout", "must be in (0, 600]")
+    _check(0 < s.http.read_timeout <= 600, "http.read_timeout", "must be in (0, 600]")
+    _check(0 < s.http.keepalive_timeout <= 3600, "http.keepalive_timeout", "must be in (0, 3600]")
+    _check(
+        16 <= s.http.max_connections <= 1_000_000,
+        "http.max_connections",
+        "must be between 16 and 1000000",
+    )
+    _check(
+        s.http.max_body_bytes <= s.http.max_inflight_bytes <= 1 << 40,
+        "http.max_inflight_bytes",
+        "must be at least http.max_body_bytes (room for the largest body)",
+    )
     _check(1 <= s.http.workers <= 64, "http.workers", "must be between 1 and 64")
     _check(
         s.http.workers == 1 or s.dedup.backend != "memory",

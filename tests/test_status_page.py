@@ -259,7 +259,9 @@ async def test_status_page_shows_what_health_says(
     assert await status.page.query_selector("#spool-na") is None
     assert status.errors == []  # no script error, no Content-Security-Policy violation
 
-    # The chart: the last hour's answers by outcome, drawn in colour, heights to scale.
+    # The chart: the last hour's answers by outcome, drawn in colour, heights to scale. (The page
+    # loaded again without its quick refresh: a refresh swaps the chart out mid-screenshot.)
+    await status.page.goto(relay.url + "/?refresh=3600")
     bars = await chart_bars(status.page)
     chart_png = tmp_path / "chart.png"
     await status.page.locator("#chart").screenshot(path=str(chart_png))

@@ -226,7 +226,11 @@ async def test_two_workers_serve_deduplicate_and_stop_on_sigterm(
             }
             assert health["dedup"]["backend"] == "redis"
             assert health["dedup"]["state"] == "up"
-            assert (await _get(s, worker["url"] + "/readyz"))["status"] == "ready"
+
+            async def ready(url: str = worker["url"]) -> bool:
+                return bool((await _get(s, url + "/readyz"))["status"] == "ready")
+
+            await wait_for(ready, what=f"worker {index} to be ready")
 
         raw = fixture_bytes("order.created.json")
         answers = await asyncio.gather(*(_post(s, w["url"], raw) for w in workers))

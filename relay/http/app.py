@@ -23,6 +23,7 @@ from relay.http.access import Access
 from relay.http.auth import TokenAuthenticator
 from relay.http.contract import Contract
 from relay.http.health import Health
+from relay.http.limits import BodyBudget, ConnectionGuard, edge_limits
 from relay.http.status import StatusPage
 from relay.ingest import Ingest, error_response
 from relay.logs import count_bad_requests
@@ -59,6 +60,9 @@ BROKER_START_WAIT = 1.0
 TOKENS = web.AppKey("tokens", TokenRegistry)
 INSTALL = web.AppKey("install", InstallFlow)
 LOYALTY = web.AppKey("loyalty", Loyalty)
+#: slow and idle clients, the connection cap (relay.http.limits); the service's site uses it
+GUARD = web.AppKey("guard", ConnectionGuard)
+BUDGET = web.AppKey("budget", BodyBudget)
 
 
 #: the HTTP versions the relay speaks; any other request line gets 505
@@ -93,6 +97,17 @@ class _AsHttp11:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)
+
+
+def _middlewares(
+    access: Access, guard: ConnectionGuard, budget: BodyBudget
+) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    """The middlewares, outermost first: the HTTP version, the connection guard (slow and idle
+    clients), access control (when configured), the body budget, then JSON error answers."""
+    middlewares = [http_version, guard.middleware]
+    if access.active:
+        middlewares.append(access.middleware)
+    return [*middlewares, budget.middleware, json_errors]
 
 
 @web.middleware
@@ -185,10 +200,11 @@ def make_app(
             "auth.short_tokens", count=short, minimum=MIN_TOKEN_CHARS
         )
     access = Access(settings.http, metrics)
-    middlewares = [http_version, json_errors]
-    if access.active:
-        middlewares.insert(1, access.middleware)
-    app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=middlewares)
+    guard, budget = edge_limits(settings.http, metrics)
+    app = web.Application(
+        client_max_size=settings.http.max_body_bytes,
+        middlewares=_middlewares(access, guard, budget),
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[HEALTH] = health
@@ -199,6 +215,8 @@ def make_app(
     app[ACCESS] = access
     app[SPOOL] = spool
     app[FORWARDER] = forwarder
+    app[GUARD] = guard
+    app[BUDGET] = budget
 
     app.router.add_post(
         settings.http.events_path,
@@ -354,8 +372,9 @@ def _spool_metrics(metrics: Metrics, spool: Spool, forwarder: Forwarder) -> None
     )
     metrics.counter_callback(
         "relay_spool_redelivered",
-        "Forwarded events whose earlier publish had been left unconfirmed by a lost link: "
-        "each may reach consumers twice, with the same message_id.",
+        "Forwarded events whose earlier publish had been left unconfirmed, by a lost link or "
+        "by a stop or crash of the relay (forwarded again after the restart): each may reach "
+        "consumers twice, with the same message_id.",
         lambda: forwarder.redelivered,
     )
     metrics.counter_callback(

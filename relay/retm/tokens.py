@@ -40,6 +40,7 @@ from relay.dedup.redis import STORE_ERRORS, connect
 from relay.errors import RelayError, StoreUnavailable
 from relay.http.auth import TokenAuthenticator, token_digest
 from relay.redis_url import parse_redis_url
+from relay.statefiles import private_database
 
 REDIS_TIMEOUT = 0.5  # seconds: an install must answer within 1 s
 
@@ -183,12 +184,11 @@ class SqliteDb:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        private_database(self.path)  # 0600 before SQLite writes a byte (relay/statefiles.py)
         conn = sqlite3.connect(self.path, timeout=5, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(self._schema)
-        self.path.chmod(0o600)
         return conn
 
     async def close(self) -> None:

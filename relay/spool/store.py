@@ -13,15 +13,20 @@ insert writes the last page only, expired keys are cut from the front by rowid, 
 reads the whole log once, at start-up; a key committed twice appears twice (the later wins).
 Every SQLite call runs on one dedicated writer thread that empties its queue into a single
 transaction per round (group commit): a burst of N spooled events costs one fsync, not N.
-Results reach the event loop with ``loop.call_soon_threadsafe``. Writes that only persist
-dedup keys or delete forwarded rows commit with ``synchronous=NORMAL`` (a process crash loses
-nothing; a power loss could cost a duplicate with the same message_id).
+Results reach the event loop with ``loop.call_soon_threadsafe``. Deletes of forwarded rows
+commit with ``synchronous=FULL`` too (group-committed): a confirmed row never comes back, not
+after a crash, nor after a power loss. Writes that only persist dedup keys commit with
+``synchronous=NORMAL`` (a process crash loses nothing). Before the forwarder publishes rows it
+appends their seqs to ``<file>.sent`` (``SentLog``): after a crash, the rows still spooled that
+are in it may already be at the broker, and forwarding them again is counted
+(``relay_spool_redelivered_total``). An emptied spool gives its space back (``compact``).
 
 An exclusive ``flock`` on ``<file>.lock`` keeps a second process off the same spool.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import fcntl
@@ -43,10 +48,15 @@ from relay.amqp.publish import Envelope
 from relay.dedup.memory import digest as key_digest
 from relay.errors import BrokerUnavailable, RelayError
 from relay.routing import Route
+from relay.statefiles import private_database, private_file
 
 log = structlog.get_logger("relay.spool")
 
 MAX_BATCH = 2048  # operations per transaction
+#: bytes the WAL file is cut back to after a checkpoint (it grows beyond while a burst is
+#: being written); an emptied spool truncates it to zero (``compact``)
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 ROW_OVERHEAD = 64  # bytes counted per row besides body, headers and ids
 PRUNE_INTERVAL = 60.0  # seconds between sweeps of expired dedup keys
 RESUME_FRACTION = 0.9  # a full spool accepts again below 90 % of both limits
@@ -76,6 +86,9 @@ _COLUMNS = (
 )
 
 OpKind = Literal["durable", "write", "read"]
+#: what the writer thread hands over once the file is open: totals, persisted dedup keys
+#: (digest, expiry), and the seqs marked sent but not deleted
+_Opened = tuple["SpoolStats", list[tuple[bytes, int]], list[int]]
 
 
 class SpoolError(RelayError):
@@ -134,15 +147,30 @@ def connect(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) a spool database at ``path``: WAL mode, the schema, a 5 s busy
     timeout, autocommit (transactions are explicit). Raises SpoolError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)  # 0600 whatever the umask (relay/statefiles.py)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        # Before the first table: a new spool frees pages incrementally (see ``compact``).
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA journal_size_limit=67108864")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.executescript(_SCHEMA)
     except (OSError, sqlite3.Error) as exc:
         raise SpoolError(f"cannot open the spool {path}: {exc}") from None
     return conn
+
+
+def compact(conn: sqlite3.Connection) -> None:
+    """Give the space of an emptied spool back to the file system: free pages are cut from
+    the end of the file (``incremental_vacuum``) and the WAL is checkpointed and truncated to
+    zero bytes. A spool made before auto_vacuum was set is rewritten once (``VACUUM``) to turn
+    it on. Outside a transaction; cheap on an empty spool."""
+    (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+    if mode != AUTO_VACUUM_INCREMENTAL:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+    conn.executescript("PRAGMA incremental_vacuum;")  # (execute would free one page only)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
 
 def read_stats(conn: sqlite3.Connection) -> SpoolStats:
@@ -194,8 +222,8 @@ class SpoolLock:
 
     def acquire(self) -> None:
         """Take the lock or raise SpoolError naming the file."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        private_file(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -209,6 +237,66 @@ class SpoolLock:
 
     def release(self) -> None:
         """Release the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class SentLog:
+    """``<spool file>.sent``: the seqs of spooled rows the forwarder is about to publish,
+    appended as 8-byte integers before each publish goes out (one ``write``, no fsync: a
+    process crash keeps it, a power loss may not, which only loses a count).
+
+    At the next start, the rows still spooled whose seq is in the log were published before
+    the stop or crash without their delete being committed: the broker may have them, and
+    forwarding them again is a possible duplicate, counted in
+    ``relay_spool_redelivered_total``. The log is emptied whenever the spool empties.
+    Failures to write it (a full disk) are logged once and otherwise ignored: forwarding
+    never waits for it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._failing = False
+
+    def survivors(self, conn: sqlite3.Connection) -> list[int]:
+        """Open the log; the logged seqs still in the spool behind ``conn`` (the log keeps
+        only those). Raises OSError or sqlite3.Error."""
+        private_file(self.path)
+        logged = array.array("q", self.path.read_bytes()[: self.path.stat().st_size // 8 * 8])
+        alive: list[int] = []
+        if logged:
+            wanted = set(logged)
+            alive = [
+                seq
+                for (seq,) in conn.execute("SELECT seq FROM events WHERE seq >= ?", (min(wanted),))
+                if seq in wanted
+            ]
+        self.path.write_bytes(array.array("q", alive).tobytes())
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        return alive
+
+    def append(self, seqs: list[int]) -> None:
+        """Log ``seqs`` (best effort)."""
+        if self._fd is None or not seqs:
+            return
+        try:
+            os.write(self._fd, array.array("q", seqs).tobytes())
+        except OSError as exc:
+            if not self._failing:
+                log.warning("spool.sent_log_failed", path=str(self.path), error=str(exc))
+            self._failing = True
+        else:
+            self._failing = False
+
+    def clear(self) -> None:
+        """Empty the log (the spool is empty: nothing logged can come back)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        """Close the log file (idempotent)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -270,17 +358,25 @@ class Spool:
         #: confirmed seqs whose delete failed (say the disk is full): they stay in
         #: ``deleting`` and are deleted with the next delete that gets written
         self.undeleted: set[int] = set()
-        #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them)
+        #: seqs whose earlier publish was left unconfirmed (a forward may duplicate them):
+        #: by a lost link, or by a stop or crash (marked ``sent`` in the file before it)
         self.maybe_sent: set[int] = set()
+        #: rows marked sent but not deleted when the spool was opened
+        self.sent_before_start = 0
         self.late_confirms = 0
         #: why the last spool write failed (disk full, I/O error), until one succeeds
         self.write_error: str | None = None
         self.spooled_total = 0
         #: transactions committed by the writer thread (group commit: fewer than writes)
         self.commits = 0
+        #: times an emptied spool gave its space back (``compact``)
+        self.compactions = 0
+        #: set on the writer thread by a delete that emptied the spool
+        self._compact_after_commit = False
         self._on_write = on_write
         self._clock = clock
         self._lock = SpoolLock(path)
+        self._sent_log = SentLog(path.with_name(path.name + ".sent"))
         self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -299,18 +395,21 @@ class Spool:
         keys still valid, as (digest, expiry) pairs in commit order. Raises SpoolError."""
         loop = self._loop = asyncio.get_running_loop()
         self._lock.acquire()
-        ready: asyncio.Future[tuple[SpoolStats, list[tuple[bytes, int]]]] = loop.create_future()
+        ready: asyncio.Future[_Opened] = loop.create_future()
         self._stopped = loop.create_future()
         self._thread = threading.Thread(
             target=self._writer, args=(ready,), name="relay-spool-writer", daemon=True
         )
         self._thread.start()
         try:
-            stats, keys = await ready
+            stats, keys, sent = await ready
         except SpoolError:
             self._lock.release()
             raise
         self.depth, self.bytes, self.oldest_at = stats.events, stats.bytes, stats.oldest_at
+        # published before the last stop or crash, never confirmed: may reach consumers twice
+        self.maybe_sent.update(sent)
+        self.sent_before_start = len(sent)
         self.opened.set()
         if self.depth:
             self.changed.set()
@@ -320,6 +419,7 @@ class Spool:
             events=self.depth,
             bytes=self.bytes,
             dedup_keys=len(keys),
+            sent_unconfirmed=len(sent),
         )
         return keys
 
@@ -333,6 +433,7 @@ class Spool:
         self._thread = None
         await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=False)
+        self._sent_log.close()
         self._lock.release()
         self.opened.clear()
         log.info("spool.closed", events=self.depth, bytes=self.bytes)
@@ -451,16 +552,21 @@ class Spool:
         def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
             count, size = delete_events(conn, seqs)
             head = conn.execute("SELECT spooled_at FROM events ORDER BY seq LIMIT 1").fetchone()
+            if head is None and count:
+                self._compact_after_commit = True  # the spool is empty: give the space back
             return count, size, head[0] if head else None
 
         try:
-            count, size, oldest = await self._submit(run, "write")
+            # fsynced: a confirmed row must not come back after a crash, nor a power loss
+            count, size, oldest = await self._submit(run, "durable")
         except (BrokerUnavailable, asyncio.CancelledError):
             self.undeleted.update(seqs)
             raise
         self.deleting.difference_update(seqs)
         self.maybe_sent.difference_update(seqs)
         self.depth -= count
+        if not self.depth:
+            self._sent_log.clear()
         self.bytes -= size
         self.oldest_at = oldest if self.depth else None
         if self.full and (
@@ -468,6 +574,13 @@ class Spool:
             and self.bytes <= self.max_bytes * RESUME_FRACTION
         ):
             self._set_full(False)
+
+    def mark_sent(self, seqs: list[int]) -> None:
+        """Record that rows ``seqs`` are about to be published (the forwarder calls this
+        before it publishes them): a row still spooled at the next start may have reached the
+        broker, and forwarding it then counts as a redelivery
+        (``relay_spool_redelivered_total``). See ``SentLog``."""
+        self._sent_log.append(seqs)
 
     def _forget(self, seqs: Iterable[int]) -> None:
         """Rows about to be deleted: never forwarded again, not even by a read already under
@@ -567,7 +680,7 @@ class Spool:
 
     # -- the writer thread -----------------------------------------------------------------
 
-    def _writer(self, ready: asyncio.Future[tuple[SpoolStats, list[tuple[bytes, int]]]]) -> None:
+    def _writer(self, ready: asyncio.Future[_Opened]) -> None:
         loop = self._loop
         assert loop is not None
         try:
@@ -575,6 +688,7 @@ class Spool:
             _fsync_dir(self.path.parent)
             self._prune(conn)
             stats = read_stats(conn)
+            sent = self._sent_log.survivors(conn)
             keys = [
                 (bytes(d), e)
                 for d, e in conn.execute(
@@ -587,7 +701,7 @@ class Spool:
             loop.call_soon_threadsafe(_settle, ready, None, error)
             loop.call_soon_threadsafe(_settle, self._stopped, None, None)
             return
-        loop.call_soon_threadsafe(_settle, ready, (stats, keys), None)
+        loop.call_soon_threadsafe(_settle, ready, (stats, keys, sent), None)
         mode = "FULL"
         last_prune = time.monotonic()
         try:
@@ -644,6 +758,7 @@ class Spool:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+                self._compact_after_commit = False  # (the delete did not happen)
                 error = BrokerUnavailable("spool_error", f"the spool write failed: {exc}")
                 results += [(op.future, None, error) for op in writes]
                 if self.write_error is None:  # one line per change of state, not per write
@@ -664,7 +779,20 @@ class Spool:
         assert self._loop is not None
         if results:  # (a round of delivered keys alone wakes nobody on the event loop)
             self._loop.call_soon_threadsafe(_settle_all, results)
+        if self._compact_after_commit:  # (after the answers: nobody waits for it)
+            self._compact(conn)
         return mode
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        """``compact`` after a delete emptied the spool (on the writer thread). A failure is
+        logged and left for the next time the spool empties."""
+        self._compact_after_commit = False
+        try:
+            compact(conn)
+        except sqlite3.Error as exc:
+            log.warning("spool.compact_failed", error=str(exc))
+            return
+        self.compactions += 1
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         """Cut expired keys, and the oldest beyond ``dedup_max_entries``, from the front of the
