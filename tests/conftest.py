@@ -1,7 +1,7 @@
 """Shared fixtures: a real RabbitMQ, real relays started as production starts them, unique names.
 
-Every test gets its own exchange and unrouted exchange/queue names (``test.<hex>...``) and
-deletes them afterwards, so tests never interfere and never change global broker settings.
+Every test gets its own exchange, unrouted exchange/queue and archive stream names
+(``test.<hex>...``) and deletes them afterwards, so tests never interfere and never change global broker settings.
 Assertions consume from real queues; waits are on conditions (a message arriving, a state
 flag), never fixed sleeps.
 """
@@ -68,6 +68,11 @@ class Names:
     @property
     def unrouted(self) -> str:
         return f"{self.prefix}.unrouted"
+
+    @property
+    def archive(self) -> str:
+        """The test's archive: a stream and the fanout exchange of the same name."""
+        return f"{self.prefix}.archive"
 
     def __call__(self, suffix: str) -> str:
         return f"{self.prefix}.{suffix}"
@@ -172,7 +177,9 @@ async def broker() -> AsyncIterator[Broker]:
 def names(broker: Broker) -> Names:
     """Unique names for the test; the relay topology under them is deleted afterwards."""
     n = Names()
-    broker.forget_later(exchanges=(n.exchange, n.unrouted), queues=(n.unrouted,))
+    broker.forget_later(
+        exchanges=(n.exchange, n.unrouted, n.archive), queues=(n.unrouted, n.archive)
+    )
     return n
 
 
@@ -248,6 +255,7 @@ def relay_environ(names: Names, state_dir: Path, **overrides: str) -> dict[str, 
         "RELAY_AMQP_URL": AMQP_URL,
         "RELAY_AMQP_EXCHANGE": names.exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": names.unrouted,
+        "RELAY_ARCHIVE_QUEUE": names.archive,
         "RELAY_STATE_DIR": str(state_dir),
         "RELAY_HTTP_SHUTDOWN_TIMEOUT": "10",
     }
@@ -270,8 +278,12 @@ async def start_relay(broker: Broker, names: Names, tmp_path: Path) -> AsyncIter
         environ = relay_environ(names, tmp_path / f"state{len(running)}", **overrides)
         settings = load_settings(None, environ)
         broker.forget_later(
-            exchanges=(settings.amqp.exchange, settings.amqp.unrouted_exchange),
-            queues=(settings.amqp.unrouted_exchange,),
+            exchanges=(
+                settings.amqp.exchange,
+                settings.amqp.unrouted_exchange,
+                settings.archive.queue,
+            ),
+            queues=(settings.amqp.unrouted_exchange, settings.archive.queue),
         )
         relay = Relay(settings)
         await relay.start()

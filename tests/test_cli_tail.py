@@ -35,6 +35,7 @@ def env(tmp_path: Path, names: Names) -> dict[str, str]:
         RELAY_AMQP_URL=AMQP_URL,
         RELAY_AMQP_EXCHANGE=names.exchange,
         RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+        RELAY_ARCHIVE_QUEUE=names.archive,
     )
 
 

@@ -277,11 +277,11 @@ def vhost_url(vhost: str, user: str = "guest", password: str = "guest") -> str:
 
 # The broker permissions the README recommends for the relay's user (configure, write, read).
 RELAY_PERMISSIONS = (
-    r"^retm\.(events|unrouted)$",
-    r"^retm\.(events|unrouted)$",
-    r"^retm\.unrouted$",
+    r"^retm\.(events|unrouted|archive)$",
+    r"^retm\.(events|unrouted|archive)$",
+    r"^retm\.(unrouted|archive)$",
 )
-RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted)$", "^$")
+RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted|archive)$", "^$")
 
 
 @pytest.mark.slow
@@ -405,6 +405,7 @@ async def test_definitions_give_consumer_queues_with_dead_lettering(
                 RELAY_AMQP_URL=vhost_url(private_vhost, user, password),
                 RELAY_AMQP_EXCHANGE="retm.events",
                 RELAY_AMQP_UNROUTED_EXCHANGE="retm.unrouted",
+                RELAY_ARCHIVE_QUEUE="retm.archive",
                 RELAY_AMQP_PASSIVE=passive,
             )
             relay = Relay(load_settings(None, environ))

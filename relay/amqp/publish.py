@@ -6,6 +6,14 @@ publish; many publishes are in flight at once and RabbitMQ acknowledges them in 
 routing key, the broker returns it and the relay republishes it to the unrouted exchange, with
 the intended routing key in a header, before it answers. An event is never dropped.
 
+With the archive on (``archive.*``, docs/replay.md), each event is published twice in the same
+write: to its event exchange as above, and, unchanged, to the archive's fanout exchange, bound to
+a RabbitMQ stream. The publish succeeds once both are confirmed. The archive's copy is a
+separate publish rather than an exchange-to-exchange binding so that ``mandatory`` still tells
+the relay, synchronously, that no consumer queue was bound for an event (the stream would take
+every message and no publish would ever be returned), and so that the event exchanges keep
+their arguments and bindings (docs/replay.md, "Design").
+
 Publishes go out through ``_Sender``: the frames of every publish made during one event-loop
 turn are marshalled by ``relay.wire`` and written in one go, with their confirmations
 registered on aiormq's channel exactly as its own ``basic_publish`` registers them, so acks,
@@ -53,7 +61,7 @@ from relay.amqp.link import Link, SupervisedLink, broker_address, describe
 from relay.errors import BrokerUnavailable, TopologyError
 from relay.metrics import Metrics
 from relay.routing import Route, Router
-from relay.settings import AmqpSettings
+from relay.settings import AmqpSettings, ArchiveSettings
 
 # broker_address moved to relay.link; it is still importable from here (relay.tail, .topology)
 __all__ = [
@@ -237,10 +245,20 @@ class Publisher(SupervisedLink[_Link]):
     is ``relay.link.SupervisedLink``'s.
     """
 
-    def __init__(self, settings: AmqpSettings, router: Router, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        router: Router,
+        metrics: Metrics,
+        archive: ArchiveSettings | None = None,
+    ) -> None:
         super().__init__(settings, role="broker", client_name="retm-relay")
         self.router = router
         self.metrics = metrics
+        #: the archive (``archive.*``) every publish also goes to; None when off
+        self.archive = archive if archive is not None and archive.enabled else None
+        #: Unix time of the receipt of the latest event this relay archived (None: none yet)
+        self.last_archived_at: float | None = None
         self.connected_since: float | None = None
         self.reconnects = 0
 
@@ -291,7 +309,8 @@ class Publisher(SupervisedLink[_Link]):
 
     async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Declare (or, with ``amqp.passive``, only check) the event exchanges, durable topic;
-        and the unrouted exchange (fanout) with its durable queue of the same name.
+        the unrouted exchange (fanout) with its durable queue of the same name; and, with the
+        archive on, the archive's fanout exchange bound to its stream (``declare_archive``).
 
         Raises TopologyError naming the entity when it exists with another type or arguments,
         or is missing in passive mode. The channel is closed by the broker in that case.
@@ -317,6 +336,9 @@ class Publisher(SupervisedLink[_Link]):
                 entity = f"queue {s.unrouted_exchange!r}"
                 queue = await channel.declare_queue(s.unrouted_exchange, durable=True)
                 await queue.bind(unrouted)
+            if self.archive is not None:
+                entity = f"archive {self.archive.queue!r} (a stream and its fanout exchange)"
+                await declare_archive(channel, self.archive, passive=s.passive)
         except ChannelPreconditionFailed as exc:
             raise TopologyError(
                 f"{entity} exists on the broker with another type or arguments: "
@@ -363,7 +385,9 @@ class Publisher(SupervisedLink[_Link]):
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
-        False when it was unroutable and confirmed on the unrouted exchange instead.
+        False when it was unroutable and confirmed on the unrouted exchange instead. With the
+        archive on, the same message also goes to the archive's exchange, and the publish
+        succeeds only once that is confirmed too.
 
         timeout: seconds (default ``amqp.publish_timeout``). Raises BrokerUnavailable with
         reason ``disconnected`` at once while there is no link, or ``timeout``, ``nacked``,
@@ -382,9 +406,17 @@ class Publisher(SupervisedLink[_Link]):
         deadline = loop.time() + seconds
         route = envelope.route
         try:
+            # The archive's copy goes out first, in the same write as the event; its confirm
+            # usually comes in the same Basic.Ack (multiple). It is not mandatory: aiormq
+            # matches a Basic.Return to its publish by message_id, which both copies share, so
+            # only the event's own publish may be returned (its registration, made last, wins).
+            archive = self.archive.queue if self.archive is not None else ""
+            archived = (
+                self._send(link, envelope, archive, None, mandatory=False) if archive else None
+            )
             confirmation = self._send(link, envelope, route.exchange, None)
             if not await _settled(confirmation, deadline):
-                raise self._timed_out(link, confirmation, seconds)
+                raise self._timed_out(link, confirmation, seconds, _both(confirmation, archived))
             try:
                 confirmation.result()
             except PublishError:
@@ -412,6 +444,11 @@ class Publisher(SupervisedLink[_Link]):
                     raise BrokerUnavailable(
                         "returned", f"no queue bound to {self.settings.unrouted_exchange!r}"
                     ) from None
+            if archived is not None:
+                if not await _settled(archived, deadline):
+                    raise self._timed_out(link, archived, seconds)
+                archived.result()  # a nack raises DeliveryError
+                self.last_archived_at = envelope.received_at
         except DeliveryError:
             raise BrokerUnavailable("nacked", "the broker refused the message") from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
@@ -425,6 +462,8 @@ class Publisher(SupervisedLink[_Link]):
         envelope: Envelope,
         exchange: str,
         extra_headers: dict[str, str] | None,
+        *,
+        mandatory: bool = True,
     ) -> asyncio.Future[Any]:
         """Marshal and queue one publish of ``envelope`` to ``exchange``; its confirmation."""
         headers = {**envelope.headers, **extra_headers} if extra_headers else envelope.headers
@@ -444,6 +483,7 @@ class Publisher(SupervisedLink[_Link]):
                 app_id=APP_ID,
             ),
             sender.max_content,
+            mandatory=mandatory,
         )
         confirmation = sender.send(frames, envelope.message_id)
         link.inflight[confirmation] = link.sender._loop.time()
@@ -451,11 +491,17 @@ class Publisher(SupervisedLink[_Link]):
         return confirmation
 
     def _timed_out(
-        self, link: _Link, confirmation: asyncio.Future[Any], seconds: float
+        self,
+        link: _Link,
+        confirmation: asyncio.Future[Any],
+        seconds: float,
+        pending: asyncio.Future[Any] | None = None,
     ) -> BrokerUnavailable:
         """The error for a publish whose confirm missed its deadline (it may still come:
-        ``pending``); resets a link that has answered nothing since the publish went out."""
-        confirmation.add_done_callback(self._on_late_result)
+        ``pending``, by default ``confirmation`` itself); resets a link that has answered
+        nothing since the publish went out."""
+        pending = confirmation if pending is None else pending
+        pending.add_done_callback(self._on_late_result)
         sent_at = link.inflight.get(confirmation, 0.0)
         if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
             # Nothing at all came back since this publish went out, and the broker did not
@@ -464,13 +510,49 @@ class Publisher(SupervisedLink[_Link]):
             log.warning("broker.stalled", broker=self.address, seconds=seconds)
             link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
             link.abort()
-        return BrokerUnavailable(
-            "timeout", "no publisher confirm before the deadline", confirmation
-        )
+        return BrokerUnavailable("timeout", "no publisher confirm before the deadline", pending)
 
     def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
         if not confirmation.cancelled() and confirmation.exception() is None:
             self.metrics.late_confirm()
+
+
+def _both(
+    confirmation: asyncio.Future[Any], archived: asyncio.Future[Any] | None
+) -> asyncio.Future[Any]:
+    """A future settled once the event's publish and its archive copy both are: confirmed
+    only when both were confirmed (a timed-out publish's ``pending``)."""
+    if archived is None:
+        return confirmation
+    return asyncio.gather(confirmation, archived)
+
+
+async def declare_archive(
+    channel: aio_pika.abc.AbstractChannel, archive: ArchiveSettings, *, passive: bool
+) -> None:
+    """Declare the archive: a stream ``archive.queue`` (``x-queue-type: stream``,
+    ``x-max-age``, ``x-max-length-bytes``) and a durable fanout exchange of the same name bound
+    to it; with ``passive`` only check that both exist. Raises what aio-pika raises:
+    ChannelPreconditionFailed when the stream exists with other arguments,
+    ChannelNotFoundEntity when missing in passive mode.
+    """
+    name = archive.queue
+    if passive:
+        await channel.get_exchange(name, ensure=True)
+        await channel.get_queue(name, ensure=True)
+        return
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+    queue = await channel.declare_queue(name, durable=True, arguments=archive_arguments(archive))
+    await queue.bind(exchange)
+
+
+def archive_arguments(archive: ArchiveSettings) -> dict[str, Any]:
+    """The stream's queue arguments, as declared and as in deploy/rabbitmq/definitions.json."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": archive.max_age,
+        "x-max-length-bytes": archive.max_bytes,
+    }
 
 
 async def _settled(future: asyncio.Future[Any], deadline: float) -> bool:

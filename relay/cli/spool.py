@@ -194,7 +194,7 @@ async def _replay(settings: Settings, path: Path, limit: int | None) -> int:
     await spool.open()
     amqp = settings.amqp
     router = Router(amqp.routing_key_template, amqp.exchange, amqp.exchanges)
-    publisher = Publisher(amqp, router, Metrics())
+    publisher = Publisher(amqp, router, Metrics(), settings.archive)
     try:
         await publisher.start()
         if not publisher.connected.is_set():

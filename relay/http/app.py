@@ -104,7 +104,7 @@ def make_app(
     router = Router(
         settings.amqp.routing_key_template, settings.amqp.exchange, settings.amqp.exchanges
     )
-    publisher = Publisher(settings.amqp, router, metrics)
+    publisher = Publisher(settings.amqp, router, metrics, settings.archive)
     spool_path = Path(settings.spool.file)
     spool = Spool(
         settings.state.dir / state_name(worker, spool_path.stem, spool_path.suffix),
