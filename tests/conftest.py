@@ -1,7 +1,8 @@
 """Shared fixtures: a real RabbitMQ, real relays started as production starts them, unique names.
 
 Every test gets its own exchange, unrouted exchange/queue and archive stream names
-(``test.<hex>...``) and deletes them afterwards, so tests never interfere and never change global broker settings.
+(``test.<hex>...``) and deletes them afterwards, so tests never interfere and never change
+global broker settings.
 Assertions consume from real queues; waits are on conditions (a message arriving, a state
 flag), never fixed sleeps.
 """
