@@ -166,6 +166,34 @@ class Broker:
         await self.connection.close()
 
 
+async def read_archive(
+    broker: Broker, stream: str, until_body: bytes, timeout: float = 10
+) -> list[AbstractIncomingMessage]:
+    """Every message in the archive stream ``stream`` from its first, up to and including the
+    first whose body is ``until_body`` (post a sentinel event last: the relay archives in
+    publish order, so what comes before it is everything archived before it)."""
+    channel = await broker.connection.channel()
+    await channel.set_qos(prefetch_count=100)
+    queue = await channel.get_queue(stream, ensure=True)
+    got: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        got.put_nowait(message)
+
+    await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+    messages: list[AbstractIncomingMessage] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not messages or messages[-1].body != until_body:
+                messages.append(await got.get())
+    except TimeoutError:
+        pytest.fail(f"{until_body!r} not in the archive {stream} within {timeout}s")
+    finally:
+        await channel.close()
+    return messages
+
+
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
     connection = await aio_pika.connect(AMQP_URL)

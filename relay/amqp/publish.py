@@ -349,6 +349,15 @@ class Publisher(SupervisedLink[_Link]):
                 f"{entity} does not exist and amqp.passive is set: {_reply_text(exc)}"
             ) from None
 
+    async def open_channel(self) -> aio_pika.abc.AbstractChannel:
+        """A new channel on the current link, for reading (the archive's ``/health``
+        section); the caller closes it. Raises BrokerUnavailable("disconnected") while there
+        is no link."""
+        link = self._link
+        if link is None:
+            raise BrokerUnavailable("disconnected", self.last_error)
+        return await link.connection.channel()
+
     # -- publishing ------------------------------------------------------------------------
 
     @property
