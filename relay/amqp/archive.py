@@ -11,11 +11,14 @@ What AMQP 0-9-1 cannot tell about a stream: how many messages it holds (``queue.
 always reports 0), its first or last offset, its size on disk or its segments; and a stream
 consumer never hears "end of stream", it simply waits for more. So:
 
-- the end of a replay is the stream's end *when the replay started*: a second consumer at
-  ``next`` learns the offset of the first message appended after that moment, and the reader
-  stops before it. When nothing was appended since, the reader stops once it has had nothing
-  to read for ``IDLE`` seconds (a broker delivers a stream as fast as credit allows; a pause
-  that long with credit open means the reader is at the end);
+- the end of a replay is the stream's end *when the replay started*: a consumer at ``next``
+  learns the offset of the first message appended after that moment, and the reader stops
+  before it. When nothing was appended since, a consumer at ``last`` has learnt where the last
+  chunk (a batch of messages written together) begins; once the reader is in that chunk and
+  gets nothing for ``TAIL`` seconds, it is at the end (the broker sends a chunk's messages in
+  one burst). A reader that never gets there (an empty stream, or a start after the last
+  chunk) stops after ``IDLE`` seconds without a delivery: a broker delivers a stream as fast
+  as credit allows, and a pause that long with credit open means there is nothing to read;
 - the oldest and newest archived times come from reading the first message (``first``) and
   the last chunk (``last``), see ``ArchiveWatch``.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,8 +53,11 @@ RECEIVED_HEADER = "x-relay-received-at"
 PREFETCH = 1000
 BATCH = 250
 #: seconds without a delivery after which a reader with nothing appended since its start is
-#: at the stream's end
+#: at the stream's end: ``TAIL`` once it has reached the last chunk as of its start (whose
+#: messages the broker sends in one burst), ``IDLE`` when it has not (an empty stream, or a
+#: start after the last chunk)
 IDLE = 2.0
+TAIL = 0.3
 #: seconds without a delivery, while the stream's end is known to be further on, after which
 #: the broker is taken to have stopped delivering (an error)
 STALL = 30.0
@@ -97,7 +103,7 @@ async def read_stream(
     *,
     idle: float = IDLE,
     stall: float = STALL,
-) -> AsyncIterator[list[AbstractIncomingMessage]]:
+) -> AsyncGenerator[list[AbstractIncomingMessage], None]:
     """Read the stream ``name`` from ``start`` (an offset, or a datetime: from the chunk
     written at or after that second) to its end as of the call, in batches of at most
     ``BATCH`` deliveries in stream order. Each batch is acked (credit only) when the caller
@@ -106,21 +112,27 @@ async def read_stream(
     Raises ChannelNotFoundEntity when the stream does not exist, StreamStalled when the broker
     stops delivering before the known end, and aio-pika's connection errors.
     """
+    loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-    end: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    end: asyncio.Future[int] = loop.create_future()
+    last_chunk: asyncio.Future[int] = loop.create_future()
     channel = await connection.channel()
     probe = await connection.channel()
     try:
-        await probe.set_qos(prefetch_count=1)
+        await probe.set_qos(prefetch_count=1)  # per consumer: each probe takes one message
         probe_queue = await probe.get_queue(name, ensure=True)
 
-        async def on_next(message: AbstractIncomingMessage) -> None:
-            if not end.done():
-                end.set_result(stream_offset(message))
+        def settle(future: asyncio.Future[int]) -> Callable[[AbstractIncomingMessage], Any]:
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                if not future.done():
+                    future.set_result(stream_offset(message))
+
+            return on_message
 
         # First learn where "now" is, then start reading: a message appended in between is
         # read by both, so none is missed and the reader stops at the right one.
-        await probe_queue.consume(on_next, arguments={OFFSET_HEADER: "next"})
+        await probe_queue.consume(settle(end), arguments={OFFSET_HEADER: "next"})
+        await probe_queue.consume(settle(last_chunk), arguments={OFFSET_HEADER: "last"})
         await channel.set_qos(prefetch_count=PREFETCH)
         queue = await channel.get_queue(name, ensure=True)
 
@@ -128,9 +140,16 @@ async def read_stream(
             inbox.put_nowait(message)
 
         await queue.consume(on_message, arguments={OFFSET_HEADER: start})
+        highest = -1
         while True:
+            if end.done():
+                timeout = stall
+            elif last_chunk.done() and highest >= last_chunk.result():
+                timeout = TAIL  # in the last chunk, whose messages come in one burst
+            else:
+                timeout = idle
             try:
-                first = await asyncio.wait_for(inbox.get(), stall if end.done() else idle)
+                first = await asyncio.wait_for(inbox.get(), timeout)
             except TimeoutError:
                 if not end.done():
                     return  # nothing appended since the start, nothing left to read
@@ -144,9 +163,10 @@ async def read_stream(
             if stop is not None:
                 batch = [m for m in batch if stream_offset(m) < stop]
             if batch:
+                highest = stream_offset(batch[-1])
                 yield batch
                 await batch[-1].ack(multiple=True)
-            if stop is not None and (not batch or stream_offset(batch[-1]) >= stop - 1):
+            if stop is not None and (not batch or highest >= stop - 1):
                 return
     finally:
         for ch in (probe, channel):

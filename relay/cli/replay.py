@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
 import time
@@ -233,25 +234,33 @@ async def replay(
         replayed_at = iso_utc_millis(time.time())
         name = settings.archive.queue
         try:
-            async for batch in read_stream(connection, name, start):
-                progress.resume_offset = stream_offset(batch[0])
-                matched = [m for m in batch if window.matches(m)]
-                progress.read += len(batch)
-                progress.matched += len(matched)
-                if not dry_run and matched:
-                    outcomes = await asyncio.gather(
-                        *(publish(replayed(m, replayed_at), m.routing_key or "") for m in matched)
-                    )
-                    progress.published += sum(outcomes)
-                    progress.returned += len(outcomes) - sum(outcomes)
-                progress.resume_offset = stream_offset(batch[-1]) + 1
-                on_batch(progress)
+            async with contextlib.aclosing(read_stream(connection, name, start)) as batches:
+                async for batch in batches:
+                    progress.resume_offset = stream_offset(batch[0])
+                    matched = [m for m in batch if window.matches(m)]
+                    progress.read += len(batch)
+                    progress.matched += len(matched)
+                    if not dry_run and matched:
+                        outcomes = await asyncio.gather(
+                            *(
+                                publish(replayed(m, replayed_at), m.routing_key or "")
+                                for m in matched
+                            ),
+                            return_exceptions=True,
+                        )
+                        progress.published += sum(o is True for o in outcomes)
+                        progress.returned += sum(o is False for o in outcomes)
+                        failed = [o for o in outcomes if isinstance(o, BaseException)]
+                        if failed:
+                            raise failed[0]
+                    progress.resume_offset = stream_offset(batch[-1]) + 1
+                    on_batch(progress)
         except ChannelNotFoundEntity:
             raise ReplayError(
                 f"the archive stream {name!r} does not exist on {address} (archive.queue)"
             ) from None
         except (AMQPError, *CONNECTION_EXCEPTIONS, StreamStalled, TimeoutError, OSError) as exc:
-            raise ReplayError(f"the broker failed: {exc}") from None
+            raise ReplayError(f"the broker failed: {exc or type(exc).__name__}") from None
     return progress
 
 
@@ -396,17 +405,17 @@ def run(settings: Settings, args: argparse.Namespace, *, out: IO[str], err: IO[s
             )
         except ReplayError as exc:
             bar.close()
-            err.write(f"retm-relay replay: {exc}; {_how_far(progress)}\n")
+            err.write(f"retm-relay replay: {exc}{_how_far(progress)}\n")
             return EXIT_FAILURE
     out.write(progress.summary(target, args.dry_run) + "\n")
     return EXIT_OK
 
 
 def _how_far(progress: Progress) -> str:
-    """How far a failed replay got and the command that resumes it."""
-    done = f"read {progress.read}, matched {progress.matched}, published {progress.published}"
+    """How far a failed replay got and how to resume it (empty when it read nothing)."""
+    done = f"; read {progress.read}, matched {progress.matched}, published {progress.published}"
     if progress.resume_offset is None:
-        return f"{done}; nothing was published, run the same command again"
+        return "" if progress.read == 0 else f"{done}; run the same command again"
     return (
         f"{done}; every matching event before stream offset {progress.resume_offset} is "
         f"published: resume with the same arguments and --from-offset {progress.resume_offset}"
