@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 MB = 1024 * 1024
-TARGETS = ("http", "confirm", "naive", "relay", "redis", "workers")
+TARGETS = ("http", "confirm", "naive", "relay", "noarchive", "redis", "workers")
 EXTRAS = ("dedup", "spool", "ready")
 LABELS = {
     "http": "HTTP ceiling (aiohttp, uvloop)",
     "confirm": "confirm ceiling (aio-pika, no HTTP)",
     "naive": "naive relay (bench/naive_relay.py)",
     "relay": "retm-relay, memory store",
+    "noarchive": "retm-relay, memory store, archive off",
     "redis": "retm-relay, Redis store",
     "workers": "retm-relay, Redis, 2 workers",
 }
@@ -210,6 +211,9 @@ def ratios(results: dict[str, Any]) -> list[str]:
         return r["closed"]["rate"] if r and "closed" in r else None
 
     out = []
+    on, off = rate("relay"), rate("noarchive")
+    if on and off:
+        out.append(f"archive cost: {LABELS['relay']} / {LABELS['noarchive']}: {on / off:.2f}x")
     for name in RELAY_TARGETS:
         mine = rate(name)
         if mine is None:

@@ -149,6 +149,7 @@ class Context:
             "exchange": f"{prefix}.events",
             "queue": f"{prefix}.q",
             "unrouted": f"{prefix}.unrouted",
+            "archive": f"{prefix}.archive",
             "redis_prefix": f"{prefix}.dedup:",
             "prefix": prefix,
         }
@@ -169,6 +170,7 @@ def relay_env(
         "RELAY_AMQP_URL": ctx.opts.amqp_url,
         "RELAY_AMQP_EXCHANGE": n["exchange"],
         "RELAY_AMQP_UNROUTED_EXCHANGE": n["unrouted"],
+        "RELAY_ARCHIVE_QUEUE": n["archive"],
         "RELAY_STATE_DIR": str(state),
     }
     return child_environ(**{**settings, **extra})
@@ -403,9 +405,9 @@ async def run_target(ctx: Context, target: str) -> dict[str, Any]:
                 queue=n["queue"],
                 profile=opts.profile,
             )
-        ctx.topology.track([n["unrouted"]], [n["unrouted"]])
-        created_exchanges.append(n["unrouted"])
-        created_queues.append(n["unrouted"])
+        ctx.topology.track([n["unrouted"], n["archive"]], [n["unrouted"], n["archive"]])
+        created_exchanges += [n["unrouted"], n["archive"]]
+        created_queues += [n["unrouted"], n["archive"]]
         return await run_relay_target(ctx, target, port, url)
     finally:
         await ctx.topology.delete(created_exchanges, created_queues)
@@ -438,6 +440,8 @@ async def run_relay_target(ctx: Context, target: str, port: int, url: str) -> di
         extra.update(await redis_extra(ctx, target))
     if target == "workers":
         extra["RELAY_HTTP_WORKERS"] = "2"
+    if target == "noarchive":
+        extra["RELAY_ARCHIVE_ENABLED"] = "false"
     notify = NotifySocket(ctx.workdir)
     try:
         env = relay_env(ctx, target, port, notify, **extra)
@@ -497,7 +501,7 @@ def log_summary(path: Path) -> dict[str, Any]:
 
 async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
     n = ctx.names("dedup")
-    ctx.topology.track([n["exchange"], n["unrouted"]], [n["unrouted"]])
+    ctx.topology.track([n["exchange"], n["unrouted"], n["archive"]], [n["unrouted"], n["archive"]])
     try:
         return await clients.run_json(
             [
@@ -510,6 +514,8 @@ async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
                 n["exchange"],
                 "--unrouted",
                 n["unrouted"],
+                "--archive",
+                n["archive"],
                 "--state-dir",
                 str(ctx.workdir / "state-dedup"),
                 "--keys",
@@ -517,7 +523,9 @@ async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
             ]
         )
     finally:
-        await ctx.topology.delete([n["exchange"], n["unrouted"]], [n["unrouted"]])
+        await ctx.topology.delete(
+            [n["exchange"], n["unrouted"], n["archive"]], [n["unrouted"], n["archive"]]
+        )
 
 
 async def run_spool(ctx: Context) -> dict[str, Any]:
@@ -547,7 +555,7 @@ async def run_spool(ctx: Context) -> dict[str, Any]:
         return time.perf_counter()
 
     try:
-        ctx.topology.track([n["unrouted"]], [n["unrouted"]])
+        ctx.topology.track([n["unrouted"], n["archive"]], [n["unrouted"], n["archive"]])
         await ctx.topology.bind(n["exchange"], n["queue"])
         await server.start(notify.wait_ready)
         proxy.cut()
@@ -583,7 +591,9 @@ async def run_spool(ctx: Context) -> dict[str, Any]:
         await server.stop()
         notify.close()
         await proxy.close()
-        await ctx.topology.delete([n["exchange"], n["unrouted"]], [n["queue"], n["unrouted"]])
+        await ctx.topology.delete(
+            [n["exchange"], n["unrouted"], n["archive"]], [n["queue"], n["unrouted"], n["archive"]]
+        )
     if not supported:
         statuses = result.get("ingest", {}).get("statuses")
         result["na"] = f"no spool on this branch (answers while the link was cut: {statuses})"
@@ -598,7 +608,7 @@ async def run_ready(ctx: Context) -> dict[str, Any]:
     """Start retm-relay (memory store, example configuration) --ready-starts times: seconds
     from exec to READY=1 on the notify socket."""
     n = ctx.names("ready")
-    ctx.topology.track([n["exchange"], n["unrouted"]], [n["unrouted"]])
+    ctx.topology.track([n["exchange"], n["unrouted"], n["archive"]], [n["unrouted"], n["archive"]])
     times = []
     try:
         for _ in range(ctx.opts.ready_starts):
@@ -612,7 +622,9 @@ async def run_ready(ctx: Context) -> dict[str, Any]:
                 await server.stop()
                 notify.close()
     finally:
-        await ctx.topology.delete([n["exchange"], n["unrouted"]], [n["unrouted"]])
+        await ctx.topology.delete(
+            [n["exchange"], n["unrouted"], n["archive"]], [n["unrouted"], n["archive"]]
+        )
     return {"starts": times, "median": statistics.median(times), "max": max(times)}
 
 

@@ -254,6 +254,7 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
         "RELAY_AMQP_URL": amqp_url.replace(f":{broker_port}", f":{proxy.port}"),
         "RELAY_AMQP_EXCHANGE": exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": unrouted,
+        "RELAY_ARCHIVE_QUEUE": f"{run}.archive",
         "RELAY_STATE_DIR": str(state),
         "RELAY_LOG_LEVEL": "info",
         "RELAY_LOG_FORMAT": "json",
@@ -293,8 +294,10 @@ async def main(count: int, rate: float, amqp_url: str) -> int:
         with contextlib.suppress(Exception):
             await channel.queue_delete(queue_name)
             await channel.queue_delete(unrouted)
+            await channel.queue_delete(f"{run}.archive")
             await channel.exchange_delete(exchange)
             await channel.exchange_delete(unrouted)
+            await channel.exchange_delete(f"{run}.archive")
         await connection.close()
         await relay.kill()
         await proxy.close()

@@ -222,3 +222,31 @@ async def test_a_deleted_archive_stream_shows_on_health(
 
     assert archive["error"] is not None
     assert "NOT_FOUND" in archive["error"]
+
+
+async def test_events_of_every_exchange_of_the_exchange_map_are_archived(
+    start_relay: StartRelay, broker: Broker, names: Names
+) -> None:
+    """With ``amqp.exchanges`` sending ``customer.*`` to an exchange of its own, the one
+    archive holds the events of both exchanges, each with its routing key; a customer event no
+    queue is bound for on its exchange is still returned, counted and put on the unrouted
+    queue with that exchange in a header."""
+    customers = names("customers")
+    broker.forget_later(exchanges=(customers,))
+    relay = await start_relay(RELAY_AMQP_EXCHANGES=f"customer={customers}")
+    unrouted = await broker.tap_queue(names.unrouted)
+    orders = await broker.tap(names.exchange, "order.#")
+    customer, order = event("customer.created", "x-1"), event("order.created", "x-2")
+
+    assert (await relay.event(customer)).status == 200
+    assert (await relay.event(order)).status == 200
+
+    archived = await read_archive(broker, names.archive, order)
+    assert [(m.body, m.routing_key) for m in archived] == [
+        (customer, "customer.created"),
+        (order, "order.created"),
+    ]
+    message = await unrouted.get()
+    assert (message.body, message.headers["x-relay-exchange"]) == (customer, customers)
+    assert (await orders.get()).body == order
+    assert (await relay.get("/health")).body["counters"]["unroutable"] == 1

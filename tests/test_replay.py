@@ -349,6 +349,7 @@ async def test_a_failure_mid_way_says_where_to_resume_and_resuming_completes_the
         ),
         (["--since", "0h", "--to-queue", "q"], "'0h' is neither ISO 8601"),
         (["--since", "1h", "--until", "2h", "--to-queue", "q"], "--until must be later"),
+        (["--since", "2999-01-01T00:00:00Z", "--to-queue", "q"], "is in the future"),
         (
             ["--since", "1h", "--pattern", "Order.#", "--to-queue", "q"],
             "--pattern 'Order.#' is not a topic pattern",
@@ -368,6 +369,7 @@ async def test_a_failure_mid_way_says_where_to_resume_and_resuming_completes_the
         "no-zone",
         "zero-duration",
         "until-before-since",
+        "since-in-the-future",
         "bad-pattern",
         "archive-as-target",
         "negative-offset",

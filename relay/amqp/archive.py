@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -238,6 +238,7 @@ class ArchiveWatch:
     checked_at: float | None = None
     error: str | None = None
     _task: asyncio.Task[None] | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def start(self) -> None:
         """Start looking in the background (a task; ``stop`` ends it)."""
@@ -257,8 +258,12 @@ class ArchiveWatch:
             await asyncio.sleep(self.interval)
 
     async def look(self) -> None:
-        """Read the first and newest receive times now; on failure keep the last values and
-        set ``error``."""
+        """Read the first and newest receive times now (after a look under way); on failure
+        keep the last values and set ``error``."""
+        async with self._lock:
+            await self._look()
+
+    async def _look(self) -> None:
         try:
             channel = await self.open_channel()
         except (RelayError, AMQPError, *CONNECTION_EXCEPTIONS, TimeoutError) as exc:

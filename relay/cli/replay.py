@@ -368,6 +368,8 @@ def run(settings: Settings, args: argparse.Namespace, *, out: IO[str], err: IO[s
         until = parse_time(args.until, now) if args.until is not None else None
     except ValueError as exc:
         return _usage(f"{exc}")
+    if since > now:
+        return _usage(f"--since {args.since} is in the future")
     if until is not None and until <= since:
         return _usage("--until must be later than --since")
     if not is_binding_pattern(args.pattern):
