@@ -81,7 +81,9 @@ async def main(events: int, amqp_url: str, stream_dir: Path) -> None:
 
                 await asyncio.gather(*(worker() for _ in range(16)))
             listing = await asyncio.to_thread(entries, stream_dir)
-            new = [p for p in listing if p.name not in before and name in p.name]
+            # the stream's directory: __<vhost-less name, dots as underscores>_<timestamp>
+            mark = f"__{name}.archive_".replace(".", "_")
+            new = [p for p in listing if p.name not in before and p.name.startswith(mark)]
             assert len(new) == 1, f"cannot find the stream's directory in {stream_dir}: {new}"
             size = await asyncio.to_thread(directory_bytes, new[0])
         finally:
