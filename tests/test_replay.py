@@ -17,8 +17,9 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from relay.amqp.archive import unix_ms
 from relay.amqp.link import broker_address
-from relay.cli.replay import topic_matches
+from relay.cli.replay import parse_time, topic_matches
 from tests.cli import Result, cli_environ, run_cli
 from tests.conftest import AMQP_URL, Broker, Names, RunningRelay, StartRelay, read_archive
 
@@ -442,3 +443,25 @@ async def test_a_missing_target_or_archive_is_one_line_and_exit_1(
 def test_topic_patterns_match_as_rabbitmq_does(pattern: str, key: str, matches: bool) -> None:
     """``*`` is exactly one word, ``#`` zero or more, words split at dots."""
     assert topic_matches(pattern, key) is matches
+
+
+def test_times_are_iso_8601_with_a_zone_or_durations_back_from_now() -> None:
+    """TIME arguments: a zone is required and honoured, milliseconds are kept exactly, and
+    ``90s``, ``10m``, ``2h``, ``3d`` count back from now."""
+    now = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC)
+    assert parse_time("2026-12-04T10:00:00.250Z", now) == datetime(
+        2026, 12, 4, 10, 0, 0, 250_000, tzinfo=UTC
+    )
+    assert parse_time("2026-12-04T11:00:00.250+01:00", now) == datetime(
+        2026, 12, 4, 10, 0, 0, 250_000, tzinfo=UTC
+    )
+    assert [parse_time(d, now) for d in ("90s", "10m", "2h", "3d")] == [
+        now - timedelta(seconds=90),
+        now - timedelta(minutes=10),
+        now - timedelta(hours=2),
+        now - timedelta(days=3),
+    ]
+    assert unix_ms(parse_time("2026-12-04T10:00:00.999Z", now)) == 1_796_378_400_999
+    for bad in ("2026-12-04T10:00:00", "90", "1w", "-2h", "0s", ""):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            parse_time(bad, now)

@@ -63,7 +63,7 @@ TAIL = 0.3
 STALL = 30.0
 
 
-class StreamStalled(Exception):
+class StreamStalled(RelayError):
     """The broker stopped delivering before the stream's end (after ``STALL`` seconds)."""
 
 
@@ -84,14 +84,15 @@ def received_ms(message: AbstractIncomingMessage) -> int | None:
         with contextlib.suppress(ValueError):
             parsed = datetime.fromisoformat(value)
             if parsed.tzinfo is not None:
-                return _ms(parsed)
+                return unix_ms(parsed)
     if message.timestamp is not None:
         return int(message.timestamp.timestamp()) * 1000
     return None
 
 
-def _ms(moment: datetime) -> int:
-    """Unix milliseconds of an aware datetime, exactly (no float rounding)."""
+def unix_ms(moment: datetime) -> int:
+    """Unix milliseconds of an aware datetime, exactly (no float rounding; a fraction of a
+    millisecond is dropped)."""
     delta = moment - datetime.fromtimestamp(0, moment.tzinfo)
     return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
 

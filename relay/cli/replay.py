@@ -43,8 +43,10 @@ from relay.amqp.archive import (
     read_stream,
     received_ms,
     stream_offset,
+    unix_ms,
 )
 from relay.amqp.link import broker_address
+from relay.errors import RelayError
 from relay.logs import iso_utc_millis
 from relay.settings import Settings, is_binding_pattern
 
@@ -55,7 +57,7 @@ _DURATION_RE = re.compile(r"([1-9][0-9]{0,8})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class ReplayError(Exception):
+class ReplayError(RelayError):
     """The replay stopped (broker unreachable, stream or target missing, broker failure
     mid-way); the message says how far it got and how to resume."""
 
@@ -78,12 +80,6 @@ def parse_time(text: str, now: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"{text!r} has no zone: add Z or an offset such as +01:00")
     return moment.astimezone(UTC)
-
-
-def unix_ms(moment: datetime) -> int:
-    """Unix milliseconds of an aware datetime (a fraction of a millisecond is dropped)."""
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
