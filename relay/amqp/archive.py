@@ -16,9 +16,10 @@ consumer never hears "end of stream", it simply waits for more. So:
   before it. When nothing was appended since, a consumer at ``last`` has learnt where the last
   chunk (a batch of messages written together) begins; once the reader is in that chunk and
   gets nothing for ``TAIL`` seconds, it is at the end (the broker sends a chunk's messages in
-  one burst). A reader that never gets there (an empty stream, or a start after the last
-  chunk) stops after ``IDLE`` seconds without a delivery: a broker delivers a stream as fast
-  as credit allows, and a pause that long with credit open means there is nothing to read;
+  one burst). A reader that gets nothing at all for ``STALL`` seconds has nothing to read (an
+  empty stream, or a start after the last chunk); one that stops getting deliveries before
+  the end for that long raises StreamStalled. No decision rests on a short pause before the
+  last chunk, where a loaded broker may well pause;
 - the oldest and newest archived times come from reading the first message (``first``) and
   the last chunk (``last``), see ``ArchiveWatch``.
 """
@@ -52,15 +53,16 @@ RECEIVED_HEADER = "x-relay-received-at"
 #: deliveries in flight to the reader (basic.qos prefetch); acked in batches of ``BATCH``
 PREFETCH = 1000
 BATCH = 250
-#: seconds without a delivery after which a reader with nothing appended since its start is
-#: at the stream's end: ``TAIL`` once it has reached the last chunk as of its start (whose
-#: messages the broker sends in one burst), ``IDLE`` when it has not (an empty stream, or a
-#: start after the last chunk)
-IDLE = 2.0
+#: seconds without a delivery after which a reader that has reached the last chunk as of its
+#: start (whose messages the broker sends in one burst), with nothing appended since, is at the
+#: stream's end
 TAIL = 0.3
-#: seconds without a delivery, while the stream's end is known to be further on, after which
-#: the broker is taken to have stopped delivering (an error)
+#: seconds without a delivery after which the broker is taken to have stopped delivering
+#: before the stream's end (an error); or, for a reader that got nothing at all, that there is
+#: nothing at or after its start (an empty stream, or a start after the last chunk)
 STALL = 30.0
+#: seconds a look of ``ArchiveWatch`` may take (opening its channel; reading)
+LOOK_TIMEOUT = 10.0
 
 
 class StreamStalled(RelayError):
@@ -102,7 +104,6 @@ async def read_stream(
     name: str,
     start: int | datetime,
     *,
-    idle: float = IDLE,
     stall: float = STALL,
 ) -> AsyncGenerator[list[AbstractIncomingMessage], None]:
     """Read the stream ``name`` from ``start`` (an offset, or a datetime: from the chunk
@@ -143,19 +144,19 @@ async def read_stream(
         await queue.consume(on_message, arguments={OFFSET_HEADER: start})
         highest = -1
         while True:
-            if end.done():
-                timeout = stall
-            elif last_chunk.done() and highest >= last_chunk.result():
-                timeout = TAIL  # in the last chunk, whose messages come in one burst
-            else:
-                timeout = idle
+            in_last_chunk = last_chunk.done() and highest >= last_chunk.result()
+            # in the last chunk, whose messages come in one burst: a short pause is the end
+            timeout = TAIL if in_last_chunk and not end.done() else stall
             try:
                 first = await asyncio.wait_for(inbox.get(), timeout)
             except TimeoutError:
-                if not end.done():
-                    return  # nothing appended since the start, nothing left to read
+                if in_last_chunk and not end.done():
+                    return  # read to the end, and nothing was appended since the start
+                if highest < 0 and not end.done():
+                    return  # nothing at or after ``start`` (or an empty stream)
                 raise StreamStalled(
-                    f"no delivery for {stall:g}s before the stream's end (offset {end.result()})"
+                    f"no delivery for {stall:g}s before the stream's end (read up to offset "
+                    f"{highest})"
                 ) from None
             batch = [first]
             while len(batch) < BATCH and not inbox.empty():
@@ -172,7 +173,8 @@ async def read_stream(
     finally:
         for ch in (probe, channel):
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, AMQPError, TimeoutError):
-                await ch.close()
+                async with asyncio.timeout(1):  # a stalled link never answers
+                    await ch.close()
 
 
 async def first_and_last(
@@ -215,7 +217,9 @@ async def _read(
             await message.ack()
             timeout = 0.2
     finally:
-        await queue.cancel(tag)
+        with contextlib.suppress(AMQPError, *CONNECTION_EXCEPTIONS, TimeoutError):
+            async with asyncio.timeout(1):  # a stalled link never answers
+                await queue.cancel(tag)
     return times
 
 
@@ -266,12 +270,13 @@ class ArchiveWatch:
 
     async def _look(self) -> None:
         try:
-            channel = await self.open_channel()
+            async with asyncio.timeout(LOOK_TIMEOUT):
+                channel = await self.open_channel()
         except (RelayError, AMQPError, *CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            self.error = f"no broker link: {exc}"
+            self.error = f"no broker link: {exc or type(exc).__name__}"
             return
         try:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(LOOK_TIMEOUT):
                 self.oldest_ms, self.newest_ms = await first_and_last(channel, self.settings.queue)
             self.error = None
         except (AMQPError, *CONNECTION_EXCEPTIONS, TimeoutError) as exc:
@@ -279,8 +284,10 @@ class ArchiveWatch:
             log.warning("archive.unreadable", queue=self.settings.queue, error=self.error)
         finally:
             self.checked_at = time.time()
+            # a stalled link never answers a close: never wait for it long (nor on shutdown)
             with contextlib.suppress(AMQPError, *CONNECTION_EXCEPTIONS, TimeoutError):
-                await channel.close()
+                async with asyncio.timeout(1):
+                    await channel.close()
 
     def status(self) -> dict[str, Any]:
         """The ``archive`` section of ``/health``: times as ISO 8601 UTC with milliseconds."""
