@@ -4,6 +4,8 @@ unrouted queue and are counted; the stream has the configured retention; /health
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
@@ -250,3 +252,23 @@ async def test_events_of_every_exchange_of_the_exchange_map_are_archived(
     assert (message.body, message.headers["x-relay-exchange"]) == (customer, customers)
     assert (await orders.get()).body == order
     assert (await relay.get("/health")).body["counters"]["unroutable"] == 1
+
+
+async def test_archive_copies_do_not_count_against_the_direct_publish_limit(
+    start_relay: StartRelay, broker: Broker, names: Names
+) -> None:
+    """100 events at once (below the 128 direct publishes allowed in flight) are all published
+    directly, none spooled as a backlog: the archive's copies are not counted as events."""
+    relay = await start_relay()
+    tap = await broker.tap(names.exchange)
+    bodies = [event("order.created", f"burst-{i}") for i in range(100)]
+
+    answers = await asyncio.gather(*(relay.event(b) for b in bodies))
+
+    assert [a.body["status"] for a in answers] == ["accepted"] * 100
+    assert (await relay.get("/health")).body["counters"]["spooled"] == 0
+    assert sorted(m.body for m in await tap.take(100)) == sorted(bodies)
+    sentinel = event("order.created", "burst-sentinel")
+    assert (await relay.event(sentinel)).status == 200
+    archived = await read_archive(broker, names.archive, sentinel)
+    assert sorted(m.body for m in archived[:-1]) == sorted(bodies)

@@ -148,7 +148,8 @@ async def read_stream(
             # in the last chunk, whose messages come in one burst: a short pause is the end
             timeout = TAIL if in_last_chunk and not end.done() else stall
             try:
-                first = await asyncio.wait_for(inbox.get(), timeout)
+                async with asyncio.timeout(timeout):  # (wait_for can swallow a cancel in 3.11)
+                    first = await inbox.get()
             except TimeoutError:
                 if in_last_chunk and not end.done():
                     return  # read to the end, and nothing was appended since the start
@@ -210,7 +211,8 @@ async def _read(
         timeout = wait
         while len(times) < most:
             try:
-                message = await asyncio.wait_for(got.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    message = await got.get()
             except TimeoutError:
                 break
             times.append(received_ms(message))
@@ -250,11 +252,13 @@ class ArchiveWatch:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-archive")
 
     async def stop(self) -> None:
-        """Stop looking."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop looking (cancelling again should a library swallow the cancellation)."""
+        task = self._task
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.warning("archive.watch_failed", error=str(task.exception()))
 
     async def _run(self) -> None:
         while True:

@@ -170,6 +170,8 @@ class _Link(Link):
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
     inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
+    #: how many of ``inflight`` are archive copies (not counted by ``Publisher.in_flight``)
+    copies: int = 0
     transport: _RecordingTransport | None = None
 
     def settled(self, confirmation: asyncio.Future[Any]) -> None:
@@ -180,6 +182,10 @@ class _Link(Link):
             error = confirmation.exception()
             if error is None or isinstance(error, PublishError | DeliveryError):
                 self.last_reply = asyncio.get_running_loop().time()
+
+    def copy_settled(self, _: asyncio.Future[Any]) -> None:
+        """An archive copy's confirmation settled."""
+        self.copies -= 1
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -388,9 +394,10 @@ class Publisher(SupervisedLink[_Link]):
         return link is not None and link.suspect(asyncio.get_running_loop().time(), SUSPECT_AFTER)
 
     def in_flight(self) -> int:
-        """Publishes on the current link still waiting for their confirm."""
+        """Publishes on the current link still waiting for their confirm, not counting the
+        archive's copies (so that this counts events, archive on or off)."""
         link = self._link
-        return len(link.inflight) if link is not None else 0
+        return len(link.inflight) - link.copies if link is not None else 0
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
@@ -421,7 +428,7 @@ class Publisher(SupervisedLink[_Link]):
             # only the event's own publish may be returned (its registration, made last, wins).
             archive = self.archive.queue if self.archive is not None else ""
             archived = (
-                self._send(link, envelope, archive, None, mandatory=False) if archive else None
+                self._send(link, envelope, archive, None, archive_copy=True) if archive else None
             )
             confirmation = self._send(link, envelope, route.exchange, None)
             if not await _settled(confirmation, deadline):
@@ -472,9 +479,10 @@ class Publisher(SupervisedLink[_Link]):
         exchange: str,
         extra_headers: dict[str, str] | None,
         *,
-        mandatory: bool = True,
+        archive_copy: bool = False,
     ) -> asyncio.Future[Any]:
-        """Marshal and queue one publish of ``envelope`` to ``exchange``; its confirmation."""
+        """Marshal and queue one publish of ``envelope`` to ``exchange``; its confirmation.
+        An ``archive_copy`` is not mandatory and not counted by ``in_flight``."""
         headers = {**envelope.headers, **extra_headers} if extra_headers else envelope.headers
         sender = link.sender
         frames = wire.publish_frames(
@@ -492,11 +500,14 @@ class Publisher(SupervisedLink[_Link]):
                 app_id=APP_ID,
             ),
             sender.max_content,
-            mandatory=mandatory,
+            mandatory=not archive_copy,
         )
         confirmation = sender.send(frames, envelope.message_id)
         link.inflight[confirmation] = link.sender._loop.time()
         confirmation.add_done_callback(link.settled)
+        if archive_copy:
+            link.copies += 1
+            confirmation.add_done_callback(link.copy_settled)
         return confirmation
 
     def _timed_out(
