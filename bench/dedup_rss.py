@@ -12,7 +12,7 @@ state. It then reads the process's own VmRSS and VmHWM from /proc/self/status.
 Prints one JSON object: keys, entries held, evictions, RSS before and after loading (bytes),
 peak RSS, bytes per key, load time. The runner passes unique exchange names and deletes them.
 
-    python -m bench.dedup_rss --exchange X --unrouted Y [--keys 1000000]
+    python -m bench.dedup_rss --exchange X --unrouted Y --rejected R --archive Z [--keys 1000000]
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "RELAY_AMQP_URL": args.amqp_url,
         "RELAY_AMQP_EXCHANGE": args.exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": args.unrouted,
+        "RELAY_AMQP_REJECTED_EXCHANGE": args.rejected,
+        "RELAY_ARCHIVE_QUEUE": args.archive,
         "RELAY_STATE_DIR": args.state_dir,
     }
     settings = load_settings(EXAMPLE, environ)
@@ -93,6 +95,8 @@ def main() -> None:
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--exchange", required=True)
     parser.add_argument("--unrouted", required=True)
+    parser.add_argument("--rejected", required=True)
+    parser.add_argument("--archive", required=True)
     parser.add_argument("--state-dir", default="var/bench-state")
     parser.add_argument("--keys", type=int, default=1_000_000)
     args = parser.parse_args()

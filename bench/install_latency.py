@@ -40,6 +40,8 @@ async def main(count: int, concurrency: int, amqp_url: str) -> None:
                 "RELAY_AMQP_URL": amqp_url,
                 "RELAY_AMQP_EXCHANGE": f"{name}.events",
                 "RELAY_AMQP_UNROUTED_EXCHANGE": f"{name}.unrouted",
+                "RELAY_AMQP_REJECTED_EXCHANGE": f"{name}.rejected",
+                "RELAY_ARCHIVE_QUEUE": f"{name}.archive",
                 "RELAY_STATE_DIR": state,
                 "RELAY_INSTALL_ENABLED": "true",
                 "RELAY_INSTALL_PATH": path,
@@ -75,8 +77,14 @@ async def main(count: int, concurrency: int, amqp_url: str) -> None:
             await relay.stop()
             connection = await aio_pika.connect(amqp_url)
             channel = await connection.channel()
-            await channel.queue_delete(f"{name}.unrouted")
-            for exchange in (f"{name}.events", f"{name}.unrouted"):
+            for queue in (f"{name}.unrouted", f"{name}.rejected", f"{name}.archive"):
+                await channel.queue_delete(queue)
+            for exchange in (
+                f"{name}.events",
+                f"{name}.unrouted",
+                f"{name}.rejected",
+                f"{name}.archive",
+            ):
                 await channel.exchange_delete(exchange)
             await connection.close()
     cuts = statistics.quantiles(latencies, n=100)

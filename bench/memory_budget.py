@@ -182,6 +182,8 @@ async def run(amqp_url: str) -> dict[str, Any]:
         RELAY_AMQP_URL=amqp_url,
         RELAY_AMQP_EXCHANGE=exchange,
         RELAY_AMQP_UNROUTED_EXCHANGE=unrouted,
+        RELAY_AMQP_REJECTED_EXCHANGE=f"{prefix}.rejected",
+        RELAY_ARCHIVE_QUEUE=f"{prefix}.archive",
         RELAY_STATE_DIR=str(workdir / "state"),
         RELAY_LOG_LEVEL="warning",
     )
@@ -192,7 +194,8 @@ async def run(amqp_url: str) -> dict[str, Any]:
     outcome = Outcome()
     result: dict[str, Any] = {}
     try:
-        topology.track([unrouted], [unrouted])
+        own = [unrouted, f"{prefix}.rejected", f"{prefix}.archive"]
+        topology.track(own, own)
         await topology.bind(exchange, queue)
         await server.start(notify.wait_ready)
         result["rss_start_mb"] = round(rss_peak_mb(server.pid), 1)
@@ -207,7 +210,8 @@ async def run(amqp_url: str) -> dict[str, Any]:
     finally:
         await server.stop()
         notify.close()
-        await topology.delete([exchange, unrouted], [queue, unrouted])
+        own = [unrouted, f"{prefix}.rejected", f"{prefix}.archive"]
+        await topology.delete([exchange, *own], [queue, *own])
         await topology.close()
         shutil.rmtree(workdir, ignore_errors=True)
     wanted = set(outcome.accepted_ids)

@@ -230,7 +230,8 @@ async def broker_settles(idle_share: float = 0.15, timeout: float = 30.0) -> Non
 
 async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
     n = ctx.names("dedup")
-    ctx.topology.track([n["exchange"], n["unrouted"]], [n["unrouted"]])
+    own = [n["unrouted"], n["rejected"], n["archive"]]
+    ctx.topology.track([n["exchange"], *own], own)
     try:
         return await clients.run_json(
             [
@@ -243,6 +244,10 @@ async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
                 n["exchange"],
                 "--unrouted",
                 n["unrouted"],
+                "--rejected",
+                n["rejected"],
+                "--archive",
+                n["archive"],
                 "--state-dir",
                 str(ctx.workdir / "state-dedup"),
                 "--keys",
@@ -250,7 +255,7 @@ async def run_dedup_rss(ctx: Context) -> dict[str, Any]:
             ]
         )
     finally:
-        await ctx.topology.delete([n["exchange"], n["unrouted"]], [n["unrouted"]])
+        await ctx.topology.delete([n["exchange"], *own], own)
 
 
 async def run_spool(ctx: Context) -> dict[str, Any]:
@@ -280,7 +285,8 @@ async def run_spool(ctx: Context) -> dict[str, Any]:
         return time.perf_counter()
 
     try:
-        ctx.topology.track([n["unrouted"]], [n["unrouted"]])
+        own = [n["unrouted"], n["rejected"], n["archive"]]
+        ctx.topology.track(own, own)
         await ctx.topology.bind(n["exchange"], n["queue"])
         await server.start(notify.wait_ready)
         proxy.cut()
@@ -316,7 +322,8 @@ async def run_spool(ctx: Context) -> dict[str, Any]:
         await server.stop()
         notify.close()
         await proxy.close()
-        await ctx.topology.delete([n["exchange"], n["unrouted"]], [n["queue"], n["unrouted"]])
+        own = [n["unrouted"], n["rejected"], n["archive"]]
+        await ctx.topology.delete([n["exchange"], *own], [n["queue"], *own])
     if not supported:
         statuses = result.get("ingest", {}).get("statuses")
         result["na"] = f"no spool on this branch (answers while the link was cut: {statuses})"
@@ -331,7 +338,8 @@ async def run_ready(ctx: Context) -> dict[str, Any]:
     """Start retm-relay (memory store, example configuration) --ready-starts times: seconds
     from exec to READY=1 on the notify socket."""
     n = ctx.names("ready")
-    ctx.topology.track([n["exchange"], n["unrouted"]], [n["unrouted"]])
+    own = [n["unrouted"], n["rejected"], n["archive"]]
+    ctx.topology.track([n["exchange"], *own], own)
     times = []
     try:
         for _ in range(ctx.opts.ready_starts):
@@ -345,7 +353,7 @@ async def run_ready(ctx: Context) -> dict[str, Any]:
                 await server.stop()
                 notify.close()
     finally:
-        await ctx.topology.delete([n["exchange"], n["unrouted"]], [n["unrouted"]])
+        await ctx.topology.delete([n["exchange"], *own], own)
     return {"starts": times, "median": statistics.median(times), "max": max(times)}
 
 

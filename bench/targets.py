@@ -103,6 +103,8 @@ class Context:
             "exchange": f"{prefix}.events",
             "queue": f"{prefix}.q",
             "unrouted": f"{prefix}.unrouted",
+            "rejected": f"{prefix}.rejected",
+            "archive": f"{prefix}.archive",
             "redis_prefix": f"{prefix}.dedup:",
             "prefix": prefix,
         }
@@ -145,6 +147,8 @@ def relay_env(
         "RELAY_AMQP_URL": ctx.opts.amqp_url,
         "RELAY_AMQP_EXCHANGE": n["exchange"],
         "RELAY_AMQP_UNROUTED_EXCHANGE": n["unrouted"],
+        "RELAY_AMQP_REJECTED_EXCHANGE": n["rejected"],
+        "RELAY_ARCHIVE_QUEUE": n["archive"],
         "RELAY_STATE_DIR": str(state),
     }
     return child_environ(**{**settings, **extra})
@@ -229,9 +233,10 @@ async def launch(ctx: Context, target: str) -> AsyncIterator[Launched]:
             ready = await server.start(lambda: wait_tcp(port))
             yield Launched(target, server, url, "", n["queue"], ready)
             return
-        ctx.topology.track([n["unrouted"]], [n["unrouted"]])
-        exchanges.append(n["unrouted"])
-        queues.append(n["unrouted"])
+        own = [n["unrouted"], n["rejected"], n["archive"]]  # the relay's own exchanges and queues
+        ctx.topology.track(own, own)
+        exchanges.extend(own)
+        queues.extend(own)
         extra: dict[str, str] = {}
         if target in ("redis", "workers"):
             extra.update(await redis_extra(ctx, target))

@@ -375,6 +375,8 @@ async def main(count: int, rate: float, amqp_url: str, with_cluster: bool = Fals
         "RELAY_AMQP_URL": relay_amqp,
         "RELAY_AMQP_EXCHANGE": exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": unrouted,
+        "RELAY_AMQP_REJECTED_EXCHANGE": f"{run}.rejected",
+        "RELAY_ARCHIVE_QUEUE": f"{run}.archive",
         "RELAY_STATE_DIR": str(state),
         "RELAY_LOG_LEVEL": "info",
         "RELAY_LOG_FORMAT": "json",
@@ -425,8 +427,12 @@ async def main(count: int, rate: float, amqp_url: str, with_cluster: bool = Fals
         with contextlib.suppress(Exception):
             await channel.queue_delete(queue_name)
             await channel.queue_delete(unrouted)
+            await channel.queue_delete(f"{run}.archive")
             await channel.exchange_delete(exchange)
             await channel.exchange_delete(unrouted)
+            await channel.exchange_delete(f"{run}.archive")
+            await channel.queue_delete(f"{run}.rejected")
+            await channel.exchange_delete(f"{run}.rejected")
         with contextlib.suppress(Exception):
             await connection.close()
         await relay.kill()

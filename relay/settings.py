@@ -256,6 +256,24 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveSettings:
+    """The archive (docs/replay.md): every event answered 2xx is also published, with its
+    original body, properties and headers, to the fanout exchange ``queue``, bound to the
+    RabbitMQ stream of the same name, from which ``retm-relay replay`` republishes a window.
+
+    enabled: declare and publish to the archive (an event is then answered 2xx only once the
+    archive confirmed it too). max_age: the stream's ``x-max-age``, a number and one unit of
+    ``Y`` (years), ``M`` (months), ``D`` (days), ``h``, ``m``, ``s`` (``7D``). max_bytes: its
+    ``x-max-length-bytes``. RabbitMQ applies both limits by deleting whole segment files
+    (500 MB by default), so the archive holds at least this much, a little more."""
+
+    enabled: bool = True
+    queue: str = "retm.archive"
+    max_age: str = "7D"
+    max_bytes: int = 10_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class QueueSpec:
     """One consumer queue that ``retm-relay declare`` creates: a durable quorum queue ``name``,
     bound with each topic pattern of ``bindings`` (``order.#``, ``customer.*``) to ``exchange``,
@@ -293,6 +311,7 @@ class Settings:
     install: InstallSettings = field(default_factory=InstallSettings)
     loyalty: LoyaltySettings = field(default_factory=LoyaltySettings)
     consumers: ConsumerSettings = field(default_factory=ConsumerSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     source: str = "defaults"
 
 
@@ -696,6 +715,35 @@ def validate(s: Settings) -> None:
     _check(s.spool.max_events >= 1, "spool.max_events", "must be at least 1")
     _validate_flows(s)
     _validate_consumers(s)
+    _validate_archive(s)
+
+
+_MAX_AGE_RE = re.compile(r"[1-9][0-9]{0,8}[YMDhms]")
+
+
+def _validate_archive(s: Settings) -> None:
+    a = s.archive
+    _check(
+        bool(_NAME_RE.fullmatch(a.queue)) and not a.queue.startswith("amq."),
+        "archive.queue",
+        "must be 1-255 of letters, digits, '_.:-', not starting with 'amq.'",
+    )
+    _check(
+        a.queue not in {s.amqp.exchange, *s.amqp.exchanges.values(), s.amqp.unrouted_exchange},
+        "archive.queue",
+        "must differ from the event exchanges and amqp.unrouted_exchange",
+    )
+    _check(
+        a.queue not in {q.name for q in s.consumers.queues},
+        "archive.queue",
+        "must differ from the consumer queues",
+    )
+    _check(
+        bool(_MAX_AGE_RE.fullmatch(a.max_age)),
+        "archive.max_age",
+        f"must be a number and one unit of Y, M, D, h, m, s (such as 7D), not {a.max_age!r}",
+    )
+    _check(a.max_bytes >= 1_000_000, "archive.max_bytes", "must be at least 1000000")
 
 
 def _validate_amqp_urls(amqp: AmqpSettings) -> None:

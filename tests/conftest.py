@@ -1,7 +1,8 @@
 """Shared fixtures: a real RabbitMQ, real relays started as production starts them, unique names.
 
-Every test gets its own exchange and unrouted exchange/queue names (``test.<hex>...``) and
-deletes them afterwards, so tests never interfere and never change global broker settings.
+Every test gets its own exchange, unrouted exchange/queue and archive stream names
+(``test.<hex>...``) and deletes them afterwards, so tests never interfere and never change
+global broker settings.
 Assertions consume from real queues; waits are on conditions (a message arriving, a state
 flag), never fixed sleeps.
 """
@@ -80,6 +81,11 @@ class Names:
     def own(self) -> tuple[str, str]:
         """The relay's own exchange-and-queue names: unrouted, rejected."""
         return (self.unrouted, self.rejected)
+
+    @property
+    def archive(self) -> str:
+        """The test's archive: a stream and the fanout exchange of the same name."""
+        return f"{self.prefix}.archive"
 
     def __call__(self, suffix: str) -> str:
         return f"{self.prefix}.{suffix}"
@@ -172,6 +178,34 @@ class Broker:
         await self.connection.close()
 
 
+async def read_archive(
+    broker: Broker, stream: str, until_body: bytes, timeout: float = 10
+) -> list[AbstractIncomingMessage]:
+    """Every message in the archive stream ``stream`` from its first, up to and including the
+    first whose body is ``until_body`` (post a sentinel event last: the relay archives in
+    publish order, so what comes before it is everything archived before it)."""
+    channel = await broker.connection.channel()
+    await channel.set_qos(prefetch_count=100)
+    queue = await channel.get_queue(stream, ensure=True)
+    got: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        got.put_nowait(message)
+
+    await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+    messages: list[AbstractIncomingMessage] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not messages or messages[-1].body != until_body:
+                messages.append(await got.get())
+    except TimeoutError:
+        pytest.fail(f"{until_body!r} not in the archive {stream} within {timeout}s")
+    finally:
+        await channel.close()
+    return messages
+
+
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
     connection = await aio_pika.connect(AMQP_URL)
@@ -184,7 +218,7 @@ async def broker() -> AsyncIterator[Broker]:
 def names(broker: Broker) -> Names:
     """Unique names for the test; the relay topology under them is deleted afterwards."""
     n = Names()
-    broker.forget_later(exchanges=(n.exchange, *n.own), queues=n.own)
+    broker.forget_later(exchanges=(n.exchange, *n.own, n.archive), queues=(*n.own, n.archive))
     return n
 
 
@@ -262,6 +296,7 @@ def relay_environ(names: Names, state_dir: Path, **overrides: str) -> dict[str, 
         "RELAY_AMQP_EXCHANGE": names.exchange,
         "RELAY_AMQP_UNROUTED_EXCHANGE": names.unrouted,
         "RELAY_AMQP_REJECTED_EXCHANGE": names.rejected,
+        "RELAY_ARCHIVE_QUEUE": names.archive,
         "RELAY_STATE_DIR": str(state_dir),
         "RELAY_HTTP_SHUTDOWN_TIMEOUT": "10",
     }
@@ -300,7 +335,10 @@ async def start_relay(
         environ = relay_environ(names, tmp_path / f"state{len(running)}", **overrides)
         settings = load_settings(None, environ)
         own = (settings.amqp.unrouted_exchange, settings.amqp.rejected_exchange)
-        broker.forget_later(exchanges=(settings.amqp.exchange, *own), queues=own)
+        broker.forget_later(
+            exchanges=(settings.amqp.exchange, *own, settings.archive.queue),
+            queues=(*own, settings.archive.queue),
+        )
         relay = Relay(settings)
         await relay.start()
         r = RunningRelay(relay, session)

@@ -22,8 +22,8 @@ def env(tmp_path: Path, names: Names, broker: Broker) -> dict[str, str]:
     config.write_text("")
     erp, crm = names("erp"), names("crm")
     broker.forget_later(
-        exchanges=(names.exchange, *names.own, f"{names.exchange}.dlx"),
-        queues=(*names.own, erp, f"{erp}.dead", crm, f"{crm}.dead"),
+        exchanges=(names.exchange, *names.own, names.archive, f"{names.exchange}.dlx"),
+        queues=(*names.own, names.archive, erp, f"{erp}.dead", crm, f"{crm}.dead"),
     )
     return cli_environ(
         config,
@@ -31,6 +31,7 @@ def env(tmp_path: Path, names: Names, broker: Broker) -> dict[str, str]:
         RELAY_AMQP_EXCHANGE=names.exchange,
         RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
         RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
+        RELAY_ARCHIVE_QUEUE=names.archive,
         RELAY_CONSUMERS_QUEUES=f"{erp}=order.#,{erp}=customer.created,{crm}=customer.*",
     )
 
@@ -71,6 +72,15 @@ async def test_declare_creates_everything_and_prints_what_exists(
             "quarantine: authenticated bodies refused as not JSON objects",
         ],
         ["queue", names.rejected, "quorum", "0", "0", f"bound to {names.rejected}"],
+        ["exchange", names.archive, "fanout", "-", "-", "the archive: every event"],
+        [
+            "queue",
+            names.archive,
+            "stream",
+            "-",
+            "0",
+            f"bound to {names.archive}; max_age 7D, max_bytes 10000000000",
+        ],
         ["exchange", dlx, "direct", "-", "-", "dead letters of the queues below"],
         [
             "queue",
@@ -232,3 +242,57 @@ async def test_declare_with_a_bad_binding_is_a_configuration_error(env: dict[str
     assert result.stderr.startswith(
         "retm-relay: configuration error: consumers.queues: binding 'Order.#' of 'erp'"
     )
+
+
+async def test_declare_makes_the_archive_a_stream_with_the_configured_retention(
+    env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """The archive is a stream with ``archive.max_age`` and ``archive.max_bytes``: redeclaring
+    it with exactly those arguments is accepted, with other retention it is refused; declare
+    with other archive settings than the stream has exits 1 naming the archive."""
+    env.update(RELAY_ARCHIVE_MAX_AGE="36h", RELAY_ARCHIVE_MAX_BYTES="2000000")
+    assert (await run_cli("declare", env=env)).code == 0
+
+    stream = {"x-queue-type": "stream", "x-max-age": "36h", "x-max-length-bytes": 2_000_000}
+    assert broker.channel is not None
+    await broker.channel.declare_queue(names.archive, durable=True, arguments=stream)
+    for other in (
+        {"x-max-age": "7D"},
+        {"x-max-length-bytes": 3_000_000},
+        {"x-queue-type": "quorum"},
+    ):
+        channel = await broker.connection.channel()
+        with pytest.raises(ChannelPreconditionFailed):
+            await channel.declare_queue(names.archive, durable=True, arguments={**stream, **other})
+
+    env["RELAY_ARCHIVE_MAX_AGE"] = "7D"
+    result = await run_cli("declare", env=env)
+    assert result.code == 1
+    assert result.stderr == (
+        f"retm-relay declare: archive '{names.archive}' (a stream and its fanout exchange) "
+        "exists on the broker with another type or arguments: PRECONDITION_FAILED - "
+        f"inequivalent arg 'x-max-age' for queue '{names.archive}' in vhost '/': received '7D' "
+        "but current is '36h'. Delete it, or point the relay at another name.\n"
+    )
+
+
+async def test_declare_passive_checks_the_archive_and_skips_it_when_off(
+    env: dict[str, str], names: Names
+) -> None:
+    """With the relay's exchanges present but no archive stream, ``--passive`` exits 1 naming
+    the archive; with ``archive.enabled = false`` the same check passes and lists no archive."""
+    env["RELAY_ARCHIVE_ENABLED"] = "false"
+    assert (await run_cli("declare", env=env)).code == 0
+
+    env["RELAY_ARCHIVE_ENABLED"] = "true"
+    missing = await run_cli("declare", "--passive", env=env)
+    assert missing.code == 1
+    assert missing.stderr.startswith(
+        f"retm-relay declare: archive '{names.archive}' (a stream and its fanout exchange) "
+        "does not exist and amqp.passive is set"
+    ), missing.stderr
+
+    env["RELAY_ARCHIVE_ENABLED"] = "false"
+    off = await run_cli("declare", "--passive", env=env)
+    assert off.code == 0, off
+    assert names.archive not in off.stdout

@@ -44,6 +44,7 @@ def env(tmp_path: Path, names: Names) -> dict[str, str]:
         RELAY_AMQP_EXCHANGE=names.exchange,
         RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
         RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
+        RELAY_ARCHIVE_QUEUE=names.archive,
     )
 
 

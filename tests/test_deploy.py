@@ -280,11 +280,11 @@ def vhost_url(vhost: str, user: str = "guest", password: str = "guest") -> str:
 
 # The broker permissions the README recommends for the relay's user (configure, write, read).
 RELAY_PERMISSIONS = (
-    r"^retm\.(events|unrouted|rejected)$",
-    r"^retm\.(events|unrouted|rejected)$",
-    r"^retm\.(unrouted|rejected)$",
+    r"^retm\.(events|unrouted|rejected|archive)$",
+    r"^retm\.(events|unrouted|rejected|archive)$",
+    r"^retm\.(unrouted|rejected|archive)$",
 )
-RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted|rejected)$", "^$")
+RELAY_PASSIVE_PERMISSIONS = ("^$", r"^retm\.(events|unrouted|rejected|archive)$", "^$")
 
 
 @pytest.mark.slow
@@ -410,6 +410,7 @@ async def test_definitions_give_consumer_queues_with_dead_lettering(
                 RELAY_AMQP_EXCHANGE="retm.events",
                 RELAY_AMQP_UNROUTED_EXCHANGE="retm.unrouted",
                 RELAY_AMQP_REJECTED_EXCHANGE="retm.rejected",
+                RELAY_ARCHIVE_QUEUE="retm.archive",
                 RELAY_AMQP_PASSIVE=passive,
             )
             relay = Relay(load_settings(None, environ))

@@ -216,6 +216,7 @@ async def test_a_user_without_write_on_the_default_exchange_keeps_the_checked_fa
             RELAY_AMQP_EXCHANGE="retm.events",
             RELAY_AMQP_UNROUTED_EXCHANGE="retm.unrouted",
             RELAY_AMQP_REJECTED_EXCHANGE="retm.rejected",
+            RELAY_ARCHIVE_QUEUE="retm.archive",
         )
         relay = Relay(load_settings(None, environ))
         with capture_logs() as logs:

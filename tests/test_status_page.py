@@ -21,6 +21,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from relay import __version__
+from relay.http.app import ARCHIVE
 from relay.service import Relay
 from relay.settings import load_settings
 from tests.cli import closed_port
@@ -218,6 +219,7 @@ async def test_status_page_shows_what_health_says(
     assert (await relay.event(b"[1]")).status == 400
     assert (await relay.post("/retm/errors", fixture_bytes("error.webhook.json"))).status == 200
 
+    await relay.relay.app[ARCHIVE].look()  # the archive's times as of now (next look: 30 s)
     status = await StatusPage.open(browser, relay.url)
     await status.wait_text(["counters", "duplicate"], "1")
     await status.wait_text(["last_retm_error", "code"], "504")
@@ -249,9 +251,13 @@ async def test_status_page_shows_what_health_says(
         ("quarantine", "duplicates"): "0",
         ("quarantine", "last", "reason"): "not_object",
         ("quarantine", "last", "bytes"): "3 B",
+        ("archive", "queue"): names.archive,
+        ("archive", "max_age"): "7D",
+        ("archive", "error"): "none",
     }
     assert {path: values[path][0] for path in must_show} == must_show
     assert ("uptime_seconds",) in values
+    assert values[("archive", "oldest_received_at")][0].endswith(" UTC")
     assert values[("spool", "events")][0] == "0"
     assert values[("spool", "max_bytes")] == ("1.0 GiB", "bytes")
     assert values[("dedup", "ttl_seconds")] == ("1d 00h 00m", "duration")

@@ -6,6 +6,14 @@ publish; many publishes are in flight at once and RabbitMQ acknowledges them in 
 routing key, the broker returns it and the relay republishes it to the unrouted exchange, with
 the intended routing key in a header, before it answers. An event is never dropped.
 
+With the archive on (``archive.*``, docs/replay.md), each event is published twice in the same
+write: to its event exchange as above, and, unchanged, to the archive's fanout exchange, bound to
+a RabbitMQ stream. The publish succeeds once both are confirmed. The archive's copy is a
+separate publish rather than an exchange-to-exchange binding so that ``mandatory`` still tells
+the relay, synchronously, that no consumer queue was bound for an event (the stream would take
+every message and no publish would ever be returned), and so that the event exchanges keep
+their arguments and bindings (docs/replay.md, "Design").
+
 Publishes go out through a sender of ``relay.amqp.senders``: the fast path, where the frames of
 every publish made during one event-loop turn are marshalled by ``relay.amqp.wire`` and written
 in one go, with their confirmations registered on aiormq's channel exactly as its own
@@ -60,7 +68,7 @@ from relay.amqp.senders import (
 from relay.errors import BrokerUnavailable, TopologyError
 from relay.metrics import Metrics
 from relay.routing import Route, Router
-from relay.settings import AmqpSettings
+from relay.settings import AmqpSettings, ArchiveSettings
 
 # broker_address moved to relay.link; it is still importable from here (relay.tail, .topology)
 __all__ = [
@@ -134,6 +142,8 @@ class _Link(Link):
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
     inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
+    #: how many of ``inflight`` are archive copies (not counted by ``Publisher.in_flight``)
+    copies: int = 0
     transport: _RecordingTransport | None = None
     #: publishes nacked since the last one acked or returned on this link
     nacked_in_a_row: int = 0
@@ -150,6 +160,10 @@ class _Link(Link):
                     self.nacked_in_a_row += 1
                 else:
                     self.nacked_in_a_row = 0
+
+    def copy_settled(self, _: asyncio.Future[Any]) -> None:
+        """An archive copy's confirmation settled."""
+        self.copies -= 1
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -241,10 +255,20 @@ class Publisher(SupervisedLink[_Link]):
     is ``relay.link.SupervisedLink``'s.
     """
 
-    def __init__(self, settings: AmqpSettings, router: Router, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        router: Router,
+        metrics: Metrics,
+        archive: ArchiveSettings | None = None,
+    ) -> None:
         super().__init__(settings, role="broker", client_name="retm-relay")
         self.router = router
         self.metrics = metrics
+        #: the archive (``archive.*``) every publish also goes to; None when off
+        self.archive = archive if archive is not None and archive.enabled else None
+        #: Unix time of the receipt of the latest event this relay archived (None: none yet)
+        self.last_archived_at: float | None = None
         self.connected_since: float | None = None
         self.reconnects = 0
         #: how publishes reach the broker (``relay.amqp.senders``): "fast" until the fast path
@@ -358,7 +382,8 @@ class Publisher(SupervisedLink[_Link]):
         """Declare (or, with ``amqp.passive``, only check) the event exchanges, durable topic;
         and the relay's own exchanges, the unrouted one and the quarantine
         (``amqp.rejected_exchange``), each fanout with its quorum queue of the same name (one
-        code path for both, ``_declare_own`` and ``declare_relay_queue``).
+        code path for both, ``_declare_own`` and ``declare_relay_queue``); and, with the archive
+        on, the archive's fanout exchange bound to its stream (``declare_archive``).
 
         Raises TopologyError naming the entity when it exists with another type or arguments,
         or is missing in passive mode. The channel is closed by the broker in that case.
@@ -376,6 +401,9 @@ class Publisher(SupervisedLink[_Link]):
                 for part in ("exchange", "queue"):
                     entity = f"{part} {name!r}"
                     await _declare_own(channel, part, name, passive=s.passive)
+            if self.archive is not None:
+                entity = f"archive {self.archive.queue!r} (a stream and its fanout exchange)"
+                await declare_archive(channel, self.archive, passive=s.passive)
         except ChannelPreconditionFailed as exc:
             hint = f"; {MIGRATE_HINT}" if entity.startswith("queue") else ""
             raise TopologyError(
@@ -386,6 +414,15 @@ class Publisher(SupervisedLink[_Link]):
             raise TopologyError(
                 f"{entity} does not exist and amqp.passive is set: {_reply_text(exc)}"
             ) from None
+
+    async def open_channel(self) -> aio_pika.abc.AbstractChannel:
+        """A new channel on the current link, for reading (the archive's ``/health``
+        section); the caller closes it. Raises BrokerUnavailable("disconnected") while there
+        is no link."""
+        link = self._link
+        if link is None:
+            raise BrokerUnavailable("disconnected", self.last_error)
+        return await link.connection.channel()
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -417,13 +454,16 @@ class Publisher(SupervisedLink[_Link]):
         return link is not None and link.suspect(asyncio.get_running_loop().time(), SUSPECT_AFTER)
 
     def in_flight(self) -> int:
-        """Publishes on the current link still waiting for their confirm."""
+        """Publishes on the current link still waiting for their confirm, not counting the
+        archive's copies (so that this counts events, archive on or off)."""
         link = self._link
-        return len(link.inflight) if link is not None else 0
+        return len(link.inflight) - link.copies if link is not None else 0
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
-        False when it was unroutable and confirmed on the unrouted exchange instead.
+        False when it was unroutable and confirmed on the unrouted exchange instead. With the
+        archive on, the same message also goes to the archive's exchange, and the publish
+        succeeds only once that is confirmed too.
 
         timeout: seconds (default ``amqp.publish_timeout``). Raises BrokerUnavailable with
         reason ``disconnected`` at once while there is no link, or ``timeout``, ``nacked``,
@@ -442,9 +482,17 @@ class Publisher(SupervisedLink[_Link]):
         deadline = loop.time() + seconds
         route = envelope.route
         try:
+            # The archive's copy goes out first, in the same write as the event; its confirm
+            # usually comes in the same Basic.Ack (multiple). It is not mandatory: aiormq
+            # matches a Basic.Return to its publish by message_id, which both copies share, so
+            # only the event's own publish may be returned (its registration, made last, wins).
+            archive = self.archive.queue if self.archive is not None else ""
+            archived = (
+                self._send(link, envelope, archive, None, archive_copy=True) if archive else None
+            )
             confirmation = self._send(link, envelope, route.exchange, None)
             if not await _settled(confirmation, deadline):
-                raise self._timed_out(link, confirmation, seconds)
+                raise self._timed_out(link, confirmation, seconds, _both(confirmation, archived))
             try:
                 confirmation.result()
             except PublishError:
@@ -472,6 +520,11 @@ class Publisher(SupervisedLink[_Link]):
                     raise BrokerUnavailable(
                         "returned", f"no queue bound to {self.settings.unrouted_exchange!r}"
                     ) from None
+            if archived is not None:
+                if not await _settled(archived, deadline):
+                    raise self._timed_out(link, archived, seconds)
+                archived.result()  # a nack raises DeliveryError
+                self.last_archived_at = envelope.received_at
         except DeliveryError:
             if link.nacked_in_a_row >= NACKS_BEFORE_RESET and not link.closed.is_set():
                 log.warning("broker.nacking", broker=self.address, nacked=link.nacked_in_a_row)
@@ -488,9 +541,11 @@ class Publisher(SupervisedLink[_Link]):
         envelope: Envelope,
         exchange: str,
         extra_headers: dict[str, str] | None,
+        *,
+        archive_copy: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue one publish of ``envelope`` to ``exchange`` on the link's sender; its
-        confirmation."""
+        confirmation. An ``archive_copy`` is not mandatory and not counted by ``in_flight``."""
         headers = {**envelope.headers, **extra_headers} if extra_headers else envelope.headers
         props = Properties(
             envelope.content_type,
@@ -501,17 +556,28 @@ class Publisher(SupervisedLink[_Link]):
             envelope.event,
             APP_ID,
         )
-        confirmation = link.sender.send(exchange, envelope.route.routing_key, envelope.body, props)
+        confirmation = link.sender.send(
+            exchange, envelope.route.routing_key, envelope.body, props, mandatory=not archive_copy
+        )
         link.inflight[confirmation] = asyncio.get_running_loop().time()
         confirmation.add_done_callback(link.settled)
+        if archive_copy:
+            link.copies += 1
+            confirmation.add_done_callback(link.copy_settled)
         return confirmation
 
     def _timed_out(
-        self, link: _Link, confirmation: asyncio.Future[Any], seconds: float
+        self,
+        link: _Link,
+        confirmation: asyncio.Future[Any],
+        seconds: float,
+        pending: asyncio.Future[Any] | None = None,
     ) -> BrokerUnavailable:
         """The error for a publish whose confirm missed its deadline (it may still come:
-        ``pending``); resets a link that has answered nothing since the publish went out."""
-        confirmation.add_done_callback(self._on_late_result)
+        ``pending``, by default ``confirmation`` itself); resets a link that has answered
+        nothing since the publish went out."""
+        pending = confirmation if pending is None else pending
+        pending.add_done_callback(self._on_late_result)
         sent_at = link.inflight.get(confirmation, 0.0)
         if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
             # Nothing at all came back since this publish went out, and the broker did not
@@ -520,9 +586,7 @@ class Publisher(SupervisedLink[_Link]):
             log.warning("broker.stalled", broker=self.address, seconds=seconds)
             link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
             link.abort()
-        return BrokerUnavailable(
-            "timeout", "no publisher confirm before the deadline", confirmation
-        )
+        return BrokerUnavailable("timeout", "no publisher confirm before the deadline", pending)
 
     def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
         if not confirmation.cancelled() and confirmation.exception() is None:
@@ -550,6 +614,44 @@ async def _declare_own(
         await channel.get_queue(name, ensure=True)
     else:
         await declare_relay_queue(channel, name, name)
+
+
+def _both(
+    confirmation: asyncio.Future[Any], archived: asyncio.Future[Any] | None
+) -> asyncio.Future[Any]:
+    """A future settled once the event's publish and its archive copy both are: confirmed
+    only when both were confirmed (a timed-out publish's ``pending``)."""
+    if archived is None:
+        return confirmation
+    return asyncio.gather(confirmation, archived)
+
+
+async def declare_archive(
+    channel: aio_pika.abc.AbstractChannel, archive: ArchiveSettings, *, passive: bool
+) -> None:
+    """Declare the archive: a stream ``archive.queue`` (``x-queue-type: stream``,
+    ``x-max-age``, ``x-max-length-bytes``) and a durable fanout exchange of the same name bound
+    to it; with ``passive`` only check that both exist. Raises what aio-pika raises:
+    ChannelPreconditionFailed when the stream exists with other arguments,
+    ChannelNotFoundEntity when missing in passive mode.
+    """
+    name = archive.queue
+    if passive:
+        await channel.get_exchange(name, ensure=True)
+        await channel.get_queue(name, ensure=True)
+        return
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+    queue = await channel.declare_queue(name, durable=True, arguments=archive_arguments(archive))
+    await queue.bind(exchange)
+
+
+def archive_arguments(archive: ArchiveSettings) -> dict[str, Any]:
+    """The stream's queue arguments, as declared and as in deploy/rabbitmq/definitions.json."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": archive.max_age,
+        "x-max-length-bytes": archive.max_bytes,
+    }
 
 
 async def _settled(future: asyncio.Future[Any], deadline: float) -> bool:

@@ -66,12 +66,19 @@ class Properties:
 
 
 class Sender(Protocol):
-    """Sends one publish (mandatory, on a channel in publisher-confirm mode)."""
+    """Sends one publish (mandatory unless told otherwise, on a channel in publisher-confirm
+    mode)."""
 
     path: PublishPath
 
     def send(
-        self, exchange: str, routing_key: str, body: bytes, props: Properties
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        mandatory: bool = True,
     ) -> asyncio.Future[Any]:
         """Queue the publish; the future settles with the broker's answer: the Basic.Ack frame,
         PublishError when the broker returned it, DeliveryError when nacked, an AMQPError when
@@ -101,7 +108,13 @@ class FastSender:
         self._batch: list[tuple[bytes, str, asyncio.Future[Any]]] = []
 
     def send(
-        self, exchange: str, routing_key: str, body: bytes, props: Properties
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        mandatory: bool = True,
     ) -> asyncio.Future[Any]:
         """See ``Sender.send``."""
         frames = wire.publish_frames(
@@ -119,6 +132,7 @@ class FastSender:
                 app_id=props.app_id,
             ),
             self.max_content,
+            mandatory=mandatory,
         )
         future: asyncio.Future[Any] = self.channel.create_future()
         if not self._batch:
@@ -168,7 +182,13 @@ class PublicSender:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def send(
-        self, exchange: str, routing_key: str, body: bytes, props: Properties
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        mandatory: bool = True,
     ) -> asyncio.Future[Any]:
         """See ``Sender.send``."""
         future: asyncio.Future[Any] = self.channel.create_future()
@@ -187,7 +207,7 @@ class PublicSender:
                 exchange=exchange,
                 routing_key=routing_key,
                 properties=properties,
-                mandatory=True,
+                mandatory=mandatory,
                 wait=False,
             )
         )

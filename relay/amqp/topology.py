@@ -187,8 +187,8 @@ async def declare(
 
 async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> list[Row]:
     """Rows for the relay's own topology (event exchanges, the unrouted and the quarantine
-    exchanges with their queues),
-    after ``Publisher.declare`` made or checked them on another channel."""
+    exchanges with their queues, the archive's exchange and stream), after
+    ``Publisher.declare`` made or checked them on another channel."""
     amqp = settings.amqp
     rows = [
         Row(
@@ -222,6 +222,24 @@ async def relay_rows(channel: aio_pika.abc.AbstractChannel, settings: Settings) 
                 f"bound to {name}",
             )
         )
+    archive = settings.archive
+    if archive.enabled:
+        rows.append(
+            Row("exchange", archive.queue, "fanout", None, None, "the archive: every event")
+        )
+        # AMQP 0-9-1 reports no message count for a stream (declare-ok says 0): shown as "-".
+        stream = await channel.declare_queue(archive.queue, passive=True)
+        rows.append(
+            Row(
+                "queue",
+                archive.queue,
+                "stream",
+                None,
+                stream.declaration_result.consumer_count,
+                f"bound to {archive.queue}; max_age {archive.max_age}, "
+                f"max_bytes {archive.max_bytes}",
+            )
+        )
     return rows
 
 
@@ -246,7 +264,9 @@ async def declare_all(settings: Settings) -> list[Row]:
     router = Router(amqp.routing_key_template, amqp.exchange, amqp.exchanges)
     try:
         async with connection:
-            await Publisher(amqp, router, Metrics()).declare(await connection.channel())
+            await Publisher(amqp, router, Metrics(), settings.archive).declare(
+                await connection.channel()
+            )
             rows = await relay_rows(await connection.channel(), settings)
             rows += await declare(await connection.channel(), settings, passive=amqp.passive)
     except ChannelAccessRefused as exc:

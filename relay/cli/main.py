@@ -210,6 +210,14 @@ def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Republish a window of the archive (relay/cli/replay.py)."""
+    from relay.cli.replay import run  # noqa: PLC0415 - keep the other commands light
+
+    _quiet_library_logs()
+    return run(settings, args, out=sys.stdout, err=sys.stderr)
+
+
 def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
     """Manage the per-merchant token registry (``install.store``) while the daemon runs."""
     from relay.cli.tokens import run_tokens  # noqa: PLC0415 - keep other commands light
@@ -342,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="only check that everything exists (as amqp.passive does), declare nothing",
     )
     add_spool_commands(add, common)
+    replay_p = add(
+        "replay",
+        cmd_replay,
+        "republish the archived events (the stream archive.queue, every event answered 2xx) "
+        "received in a time window to a queue or exchange, with publisher confirms and their "
+        "original message_id; prints read, matched, published. Not `spool replay`, which "
+        "forwards this host's spool to the broker",
+        "retm-relay replay --since 2h --pattern 'order.#' --to-queue erp.orders.replay\n"
+        "  retm-relay replay --since 2026-12-04T09:00:00Z --until 2026-12-04T09:30:00Z "
+        "--business nakheel --to-exchange retm.events --dry-run",
+    )
+    from relay.cli.replay import add_arguments as add_replay_arguments  # noqa: PLC0415
+
+    add_replay_arguments(replay_p)
     tokens = add(
         "tokens",
         cmd_tokens,

@@ -203,7 +203,7 @@ async def _replay(settings: Settings, path: Path, limit: int | None) -> int:
     await spool.open()
     amqp = settings.amqp
     router = Router(amqp.routing_key_template, amqp.exchange, amqp.exchanges)
-    publisher = Publisher(amqp, router, Metrics())
+    publisher = Publisher(amqp, router, Metrics(), settings.archive)
     try:
         await publisher.start()
         if not publisher.connected.is_set():
@@ -270,8 +270,10 @@ def add_spool_commands(add: AddCommand, common: argparse.ArgumentParser) -> None
     replay = add_sub(
         "replay",
         cmd_replay,
-        "publish spooled events to the broker now, oldest first, deleting each after its "
-        "confirm (the relay must be stopped; progress on stderr)",
+        "publish this host's spooled events (never yet on the broker) to the broker now, "
+        "oldest first, deleting each after its confirm (the relay must be stopped; progress "
+        "on stderr). To republish events already delivered, from the archive, see "
+        "`retm-relay replay`",
         "systemctl stop retm-relay && retm-relay spool replay --config /etc/retm-relay/relay.toml",
     )
     replay.add_argument("--limit", type=positive_int, help="replay at most N events")

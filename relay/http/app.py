@@ -15,6 +15,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
+from relay.amqp.archive import ArchiveWatch
 from relay.amqp.publish import Envelope, Publisher
 from relay.amqp.rpc import RpcLink
 from relay.dedup.memory import DedupStore, MemoryDedupStore
@@ -52,6 +53,8 @@ WORKER: web.AppKey[WorkerInfo | None] = web.AppKey("worker")
 ACCESS = web.AppKey("access", Access)
 SPOOL = web.AppKey("spool", Spool)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+#: what /health shows about the archive (absent when ``archive.enabled`` is false)
+ARCHIVE = web.AppKey("archive", ArchiveWatch)
 #: tokens shorter than this are accepted but logged at start-up (``auth.short_tokens``)
 MIN_TOKEN_CHARS = 16
 #: seconds the start waits for the broker's first answer (a topology mismatch then stops the
@@ -156,7 +159,7 @@ def make_app(
     router = Router(
         settings.amqp.routing_key_template, settings.amqp.exchange, settings.amqp.exchanges
     )
-    publisher = Publisher(settings.amqp, router, metrics)
+    publisher = Publisher(settings.amqp, router, metrics, settings.archive)
     spool_path = Path(settings.spool.file)
     spool = Spool(
         settings.state.dir / state_name(worker, spool_path.stem, spool_path.suffix),
@@ -238,6 +241,7 @@ def make_app(
     _watch_core(app)
     _spool_metrics(metrics, spool, forwarder)
     app.cleanup_ctx.append(_broker_link)
+    _watch_archive(app)
     app.cleanup_ctx.append(_spool)
     if redis_dedup is not None:
         app[REDIS_DEDUP] = redis_dedup
@@ -389,6 +393,29 @@ async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     await publisher.start(wait=BROKER_START_WAIT)
     yield
     await publisher.close()
+
+
+def _watch_archive(app: web.Application) -> None:
+    """The ``archive`` section of ``/health``: retention, and the oldest and newest archived
+    receive times, looked up on the broker link every 30 s (relay/amqp/archive.py)."""
+    settings, publisher = app[SETTINGS].archive, app[PUBLISHER]
+    if not settings.enabled:
+        app[HEALTH].add_detail("archive", lambda: {"enabled": False})
+        return
+    watch = app[ARCHIVE] = ArchiveWatch(
+        settings,
+        publisher.open_channel,
+        lambda: publisher.last_archived_at,
+        publisher.connected,
+    )
+    app[HEALTH].add_detail("archive", watch.status)
+
+    async def run(_: web.Application) -> AsyncIterator[None]:
+        watch.start()
+        yield
+        await watch.stop()
+
+    app.cleanup_ctx.append(run)
 
 
 async def _spool(app: web.Application) -> AsyncIterator[None]:
