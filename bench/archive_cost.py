@@ -28,8 +28,9 @@ from bench.run import EVENTS_PATH, Context, Options, relay_argv, relay_env, wrk
 SIDES = {"on": {}, "off": {"RELAY_ARCHIVE_ENABLED": "false"}}
 
 
-async def main(rounds: int, seconds: int) -> None:
-    opts = Options(duration=seconds)
+async def measure(opts: Options, rounds: int, seconds: int) -> dict[str, Any]:
+    """Alternating rounds of the two relays; the medians of the per-round ratios (archive on /
+    off) of throughput and of the relay's CPU seconds per 1,000 requests."""
     workdir = Path(tempfile.mkdtemp(prefix="retm-archive-cost-"))
     topology = Topology(opts.amqp_url, {"x-queue-type": "classic"})
     await topology.open()
@@ -75,8 +76,16 @@ async def main(rounds: int, seconds: int) -> None:
             notify.close()
         await topology.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    throughput = statistics.median(r["on"][0] / r["off"][0] for r in rows)
-    cpu = statistics.median(r["on"][1] / r["off"][1] for r in rows)
+    return {
+        "rounds": rows,
+        "throughput_ratio": round(statistics.median(r["on"][0] / r["off"][0] for r in rows), 3),
+        "cpu_ratio": round(statistics.median(r["on"][1] / r["off"][1] for r in rows), 3),
+    }
+
+
+async def main(rounds: int, seconds: int) -> None:
+    result = await measure(Options(duration=seconds), rounds, seconds)
+    throughput, cpu = result["throughput_ratio"], result["cpu_ratio"]
     load = (await asyncio.to_thread(Path("/proc/loadavg").read_text)).split()[:3]
     print(
         f"archive on / off, median of {rounds} rounds of {seconds} s: "

@@ -165,6 +165,13 @@ def compute_checks(results: dict[str, Any]) -> list[dict[str, str]]:
             ratio=f"{ratio:.2f}x",
         )  # fmt: skip
     _absolute_checks(results, add)
+    cost = results.get("archive") or {}
+    if "throughput_ratio" in cost:
+        add(
+            "archive cost (on / off, median of rounds)", "reported",
+            f"throughput {cost['throughput_ratio']:.2f}x, CPU per event {cost['cpu_ratio']:.2f}x",
+            None,
+        )  # fmt: skip
     for name, target, value, ok in (results.get("memory") or {}).get("checks") or []:
         add(f"memory budget: {name}", target, value, bool(ok))
     return checks

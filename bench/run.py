@@ -370,6 +370,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+async def run_archive_cost(ctx: Context) -> dict[str, Any]:
+    """What the archive costs: retm-relay with the archive on against the same relay with it
+    off, side by side in alternating rounds (bench/archive_cost.py)."""
+    from bench import archive_cost  # noqa: PLC0415 - it imports this module
+
+    return await archive_cost.measure(ctx.opts, rounds=4, seconds=5)
+
+
 async def run_memory(ctx: Context) -> dict[str, Any]:
     """The memory-budget run (bench/memory_budget.py) on the run's broker."""
     result = await memory_budget.run(ctx.opts.amqp_url)
@@ -383,6 +391,7 @@ PARTS: dict[str, tuple[str, Callable[[Context], Awaitable[dict[str, Any]]]]] = {
     "dedup": ("RSS with --dedup-keys live dedup keys", run_dedup_rss),
     "spool": ("spool ingest and drain", run_spool),
     "ready": ("start to READY=1", run_ready),
+    "archive": ("archive cost: archive on / off (bench/archive_cost.py)", run_archive_cost),
     "memory": ("memory budget: concurrent 1 MB webhooks (bench/memory_budget.py)", run_memory),
 }
 FAILURES = (RuntimeError, OSError, aio_pika.exceptions.AMQPError)
