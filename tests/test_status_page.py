@@ -305,6 +305,7 @@ async def test_first_html_holds_the_figures_without_any_script(
     every figure of /health and the chart: server-side rendered."""
     for body in (fixture_bytes("order.created.json"), fixture_bytes("order.created.json")):
         assert (await relay.event(body)).status == 200
+    await relay.relay.app[ARCHIVE].look()  # the archive's times as of now (next look: 30 s)
     context = await browser.new_context(java_script_enabled=False, viewport=VIEWPORT)
     page = await context.new_page()
     response = await page.goto(relay.url + "/")
