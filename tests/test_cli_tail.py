@@ -150,7 +150,8 @@ async def test_tail_rejected_watches_the_quarantine(
 
     assert result.code == 0, result
     assert result.stdout == f"{'not_object (rejected)':<20} {'-':<14} {'-':<36} 7 bytes\n"
-    assert f"bound to {names.rejected} with '#'" in result.stderr
+    assert f"bound to {names.rejected} (Ctrl-C stops)" in result.stderr
+    assert "reaches only this tail" not in result.stderr  # a fanout: nothing is diverted
 
 
 async def test_tail_fails_when_the_broker_does_not_answer(env: dict[str, str]) -> None:

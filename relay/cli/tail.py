@@ -300,11 +300,18 @@ async def _tail(
             await queue.bind(name, pattern)
         connection.close_callbacks.add(on_close)
         await queue.consume(received.put, no_ack=True)
+        amqp = settings.amqp
+        fanout = set(targets) <= {amqp.unrouted_exchange, amqp.rejected_exchange}
         err.write(
-            f"retm-relay tail: listening on {queue.name}, bound to "
-            f"{', '.join(targets)} with {pattern!r} (Ctrl-C stops)\n"
-            "retm-relay tail: while this runs, an event that no other queue is bound for "
-            "reaches only this tail, not the unrouted queue\n"
+            f"retm-relay tail: listening on {queue.name}, bound to {', '.join(targets)}"
+            + ("" if fanout else f" with {pattern!r}")
+            + " (Ctrl-C stops)\n"
+            + (
+                ""  # a fanout of the relay's own: tail takes copies, nothing is diverted
+                if fanout
+                else "retm-relay tail: while this runs, an event that no other queue is bound "
+                "for reaches only this tail, not the unrouted queue\n"
+            )
         )
         err.flush()
         printed = await _print_until_stopped(received, stop, as_json, count, out, err)
