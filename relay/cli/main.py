@@ -9,7 +9,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import orjson
 
@@ -127,7 +128,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     """Print the events published to the exchange(s), live, until Ctrl-C."""
-    from relay.cli.tail import TailError, run  # noqa: PLC0415
+    from relay.cli.tail import run  # noqa: PLC0415
     from relay.settings import is_binding_pattern  # noqa: PLC0415
 
     _quiet_library_logs()
@@ -141,53 +142,56 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
             f"{args.pattern!r} is not a binding pattern (dotted words of [a-z0-9_-], '*', '#')",
             EXIT_USAGE,
         )
+    return _run_tail(
+        run(
+            settings,
+            args.pattern,
+            exchange=settings.amqp.rejected_exchange if args.rejected else args.exchange,
+            as_json=args.json,
+            count=args.count,
+            out=sys.stdout,
+            err=sys.stderr,
+        ),
+        lambda printed: f"{printed} event{'' if printed == 1 else 's'}",
+    )
+
+
+def _run_tail(main: Coroutine[Any, Any, int], summary: Callable[[int], str]) -> int:
+    """Run a tail coroutine (it returns how many messages it printed); its summary line on
+    stderr and exit 0, or one line and exit 1 on TailError, quietly on a closed pipe."""
+    from relay.cli.tail import TailError  # noqa: PLC0415
+
     try:
-        printed = run_loop(
-            run(
-                settings,
-                args.pattern,
-                exchange=settings.amqp.rejected_exchange if args.rejected else args.exchange,
-                as_json=args.json,
-                count=args.count,
-                out=sys.stdout,
-                err=sys.stderr,
-            )
-        )
+        printed: int = run_loop(main)
     except TailError as exc:
         return _fail("tail", str(exc))
     except BrokenPipeError:
         return _quiet_broken_pipe()
-    sys.stderr.write(f"retm-relay tail: {printed} event{'' if printed == 1 else 's'}\n")
+    sys.stderr.write(f"retm-relay tail: {summary(printed)}\n")
     return EXIT_OK
 
 
 def _tail_queue(settings: Settings, args: argparse.Namespace) -> int:
     """``tail --queue NAME``: print what waits on the queue, then exit."""
-    from relay.cli.tail import TailError, read_queue  # noqa: PLC0415
+    from relay.cli.tail import read_queue  # noqa: PLC0415
 
     if args.exchange is not None or args.pattern != "#":
         return _fail(
             "tail", "--queue reads one queue: give no pattern and no --exchange", EXIT_USAGE
         )
-    try:
-        printed = run_loop(
-            read_queue(
-                settings,
-                args.queue,
-                ack=args.ack,
-                as_json=args.json,
-                count=args.count,
-                out=sys.stdout,
-                err=sys.stderr,
-            )
-        )
-    except TailError as exc:
-        return _fail("tail", str(exc))
-    except BrokenPipeError:
-        return _quiet_broken_pipe()
     kept = "removed" if args.ack else "left on the queue"
-    sys.stderr.write(f"retm-relay tail: {printed} message{'' if printed == 1 else 's'} ({kept})\n")
-    return EXIT_OK
+    return _run_tail(
+        read_queue(
+            settings,
+            args.queue,
+            ack=args.ack,
+            as_json=args.json,
+            count=args.count,
+            out=sys.stdout,
+            err=sys.stderr,
+        ),
+        lambda printed: f"{printed} message{'' if printed == 1 else 's'} ({kept})",
+    )
 
 
 def cmd_declare(settings: Settings, args: argparse.Namespace) -> int:
