@@ -25,7 +25,7 @@ from typing import Any
 from bench.harness import NotifySocket, ProcessTree, Server, Topology, free_port
 from bench.run import EVENTS_PATH, Context, Options, relay_argv, relay_env, wrk
 
-SIDES = {"on": {}, "off": {"RELAY_ARCHIVE_ENABLED": "false"}}
+SIDES = {"on": {"RELAY_ARCHIVE_ENABLED": "true"}, "off": {"RELAY_ARCHIVE_ENABLED": "false"}}
 
 
 async def measure(opts: Options, rounds: int, seconds: int) -> dict[str, Any]:

@@ -281,6 +281,9 @@ def summary(results: dict[str, Any], markdown: bool = False) -> str:
         f"{opts.get('open_seconds', '?')} s per fixed rate; {load} on {m.get('cpus', '?')} CPUs). "
         "Ratios are retm-relay / baseline; absolute figures vary with the machine's load."
     )
+    if opts.get("relay_settings"):
+        changed = ", ".join(f"{k}={v}" for k, v in sorted(opts["relay_settings"].items()))
+        head += f" retm-relay ran with these settings changed: {changed}."
     checks = results.get("checks") or compute_checks(results)
     header = ["check", "baseline", "retm-relay", "ratio", "target", "result"]
     rows = [

@@ -514,6 +514,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument(
         "--profile-rate", type=float, default=d.profile_rate, help="fixed rate of --profile"
     )
+    parser.add_argument(
+        "--relay-setting",
+        action="append",
+        default=[],
+        metavar="RELAY_KEY=VALUE",
+        help="a setting for every retm-relay target, on top of config/relay.example.toml "
+        "(repeatable; e.g. RELAY_ARCHIVE_ENABLED=false for an A/B run; the summary names it)",
+    )
     parser.add_argument("--markdown", metavar="RESULTS_JSON", help="print a saved run as markdown")
     parser.add_argument(
         "--memory-budget",
@@ -525,6 +533,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     unknown = set(only) - set(NAMES)
     if unknown:
         parser.error(f"unknown --only names: {', '.join(sorted(unknown))}")
+    relay_settings = {}
+    for item in args.relay_setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("RELAY_"):
+            parser.error(f"--relay-setting {item!r}: expected RELAY_KEY=VALUE")
+        relay_settings[key] = value
     opts = Options(
         duration=args.duration,
         warmup=args.warmup,
@@ -545,6 +559,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         profile=args.profile,
         profile_seconds=args.profile_seconds,
         profile_rate=args.profile_rate,
+        relay_settings=relay_settings,
     )
     if args.quick:
         opts.duration, opts.warmup, opts.open_seconds, opts.rounds = 3, 1, 2, 1

@@ -77,6 +77,9 @@ class Options:
     profile: bool = False
     profile_seconds: int = 10
     profile_rate: float = 400
+    #: RELAY_* settings given to every retm-relay target on top of config/relay.example.toml
+    #: (``--relay-setting``), e.g. ``{"RELAY_ARCHIVE_ENABLED": "false"}`` for an A/B run
+    relay_settings: dict[str, str] = field(default_factory=dict)
     wrk: str = "wrk"
 
     def wants(self, name: str) -> bool:
@@ -151,7 +154,7 @@ def relay_env(
         "RELAY_ARCHIVE_QUEUE": n["archive"],
         "RELAY_STATE_DIR": str(state),
     }
-    return child_environ(**{**settings, **extra})
+    return child_environ(**{**settings, **ctx.opts.relay_settings, **extra})
 
 
 def relay_argv() -> list[str]:
