@@ -1,7 +1,8 @@
 """The consumer contract (docs/asyncapi.yaml): valid AsyncAPI by the AsyncAPI project's own parser,
 served by the relay at ``/asyncapi.yaml``, every RETM fixture valid against its message's payload
 schema, and what a real relay publishes to a real RabbitMQ matches the documented routing key,
-properties and headers."""
+properties and headers: on the event exchange, the unrouted queue, the quarantine, the archive
+stream and a replay's target queue."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import hashlib
 import json
 import re
 import shutil
+import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,9 @@ import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.http.auth import token_digest
+from relay.logs import iso_utc_millis
+from relay.settings import Settings
+from tests.cli import cli_environ, run_cli
 from tests.conftest import (
     AMQP_URL,
     FIXTURES,
@@ -30,12 +36,21 @@ from tests.conftest import (
     Names,
     StartRelay,
     fixture_bytes,
+    read_archive,
 )
 from tests.test_loyalty import example
 
 DOCUMENT = ROOT / "docs" / "asyncapi.yaml"
 PARSER = ROOT / "tools" / "asyncapi"
 PRINCIPAL = f"token-{token_digest(TOKEN).hex()[:8]}"
+
+#: the reasons a body is quarantined for (relay/json_body.py's BodyRefused codes)
+REASONS = ["invalid_json", "not_object", "too_deep"]
+#: the event messages the relay publishes (not the loyalty RPC requests or replies)
+EVENTS = [
+    "order.created", "order.refunded", "customer.created", "customer.updated",
+    "customer.deleted", "delivery.error", "app.installed", "unrecognized",
+]  # fmt: skip
 
 #: each fixture of RETM's bodies -> the message that carries it (None: not an AMQP message)
 FIXTURE_MESSAGES = {
@@ -58,7 +73,7 @@ MESSAGES = sorted(
         "order.created", "order.refunded", "customer.created", "customer.updated",
         "customer.deleted", "delivery.error", "app.installed", "loyalty.check_reward",
         "loyalty.redeem_reward", "loyalty.check_reward.reply", "loyalty.redeem_reward.reply",
-        "unrecognized",
+        "unrecognized", "rejected",
     }
 )  # fmt: skip
 
@@ -121,8 +136,9 @@ async def test_parser_finds_a_broken_document(tmp_path: Path) -> None:
 
 def test_messages_are_named_by_their_routing_key(document: dict[str, Any]) -> None:
     """Each message's key, ``name`` and AMQP ``messageType`` (the ``type`` property) are its
-    routing key, and each event channel's address is that routing key on the topic exchange
-    ``retm.events``, durable."""
+    routing key (a quarantined body's are ``rejected``, its routing key is the reason), and
+    each event channel's address is that routing key on the topic exchange ``retm.events``,
+    durable."""
     messages = document["components"]["messages"]
     assert sorted(messages) == MESSAGES
     for key, message in messages.items():
@@ -143,7 +159,45 @@ def test_messages_are_named_by_their_routing_key(document: dict[str, Any]) -> No
         for channel in document["channels"].values()
         if channel.get("bindings", {}).get("$ref") == "#/components/channelBindings/eventExchange"
     }
-    assert addresses == {key: [key] for key in MESSAGES if not key.endswith(".reply")}
+    assert addresses == {
+        key: [key] for key in MESSAGES if not key.endswith(".reply") and key != "rejected"
+    }
+
+
+def test_quarantine_and_archive_channels_name_the_relays_destinations(
+    document: dict[str, Any],
+) -> None:
+    """The quarantine channel is the durable fanout exchange ``amqp.rejected_exchange`` with
+    the reason as its address (the three reasons the relay refuses a body for); the archive
+    channel is the durable queue ``archive.queue`` and carries every event message and the
+    quarantined body; the unrouted channel every event message."""
+    defaults = Settings()
+    channels = document["channels"]
+    rejected, archive = channels["rejected"], channels["archive"]
+    assert rejected["address"] == "{reason}"
+    assert rejected["parameters"]["reason"]["enum"] == REASONS
+    assert list(rejected["messages"]) == ["rejected"]
+    assert rejected["bindings"]["amqp"]["is"] == "routingKey"
+    assert rejected["bindings"]["amqp"]["exchange"] == {
+        "name": defaults.amqp.rejected_exchange,
+        "type": "fanout",
+        "durable": True,
+        "autoDelete": False,
+        "vhost": "/",
+    }
+    assert archive["address"] == defaults.archive.queue
+    assert archive["bindings"]["amqp"]["is"] == "queue"
+    assert archive["bindings"]["amqp"]["queue"] == {
+        "name": defaults.archive.queue,
+        "durable": True,
+        "exclusive": False,
+        "autoDelete": False,
+        "vhost": "/",
+    }
+    assert sorted(archive["messages"]) == sorted([*EVENTS, "rejected"])
+    assert sorted(channels["unrouted"]["messages"]) == sorted(EVENTS)
+    schemas = document["components"]["schemas"]
+    assert schemas["RejectedHeaders"]["properties"]["x-relay-rejected-reason"]["enum"] == REASONS
 
 
 async def test_the_relay_serves_the_document_without_a_token(start_relay: StartRelay) -> None:
@@ -350,3 +404,158 @@ async def test_app_installed_matches_the_contract(
     assert errors(document, f"{pointer}/payload", orjson.loads(message.body)) == []
     assert headers["x-retm-business"] == "nakheelember"
     assert answer.body["token"].encode() not in message.body
+
+
+BOUND_TOKEN = "bound-token-0123456789abcdef"  # a second test token, bound to a business
+
+
+async def test_quarantined_bodies_match_the_contract(
+    start_relay: StartRelay, broker: Broker, names: Names, document: dict[str, Any]
+) -> None:
+    """Refused bodies posted to a real relay (one per reason, from an unbound and a bound
+    token, on both webhook routes) reach the real quarantine queue with the reason as routing
+    key, the body byte for byte, and exactly the properties and headers the document gives
+    the ``rejected`` message."""
+    relay = await start_relay(RELAY_AUTH_TOKENS=f"{TOKEN},nakheelember:{BOUND_TOKEN}")
+    quarantine = await broker.tap_queue(names.rejected)
+    # 513 levels that only the tolerant parser reads (a lone surrogate): refused as too_deep
+    deep = b'{"event":"order.created","deep":' + b"[" * 512 + b'"\\ud800"' + b"]" * 512 + b"}"
+    posts = [  # (path, body, token, declared content type, principal, reason)
+        ("/retm/events", b'{"event":"order.created",', TOKEN, "text/plain", PRINCIPAL,
+         "invalid_json"),
+        ("/retm/events", b'["order.created"]', BOUND_TOKEN, None, "nakheelember", "not_object"),
+        ("/retm/errors", deep, TOKEN, "application/json", PRINCIPAL, "too_deep"),
+    ]  # fmt: skip
+    answers = []
+    before = time.time()
+    for path, body, token, content_type, _, _ in posts:
+        answers.append(await relay.post(path, body, token=token, content_type=content_type))
+    after = time.time()
+    kept = await quarantine.take(len(posts))
+
+    spec = document["components"]["messages"]["rejected"]
+    pointer = "#/components/messages/rejected"
+    for (path, body, token, content_type, principal, reason), answer, message in zip(
+        posts, answers, kept, strict=True
+    ):
+        properties = properties_of(message)
+        headers = dict(message.headers or {})
+        assert (answer.status, answer.body["error"]) == (400, reason)
+        assert (message.exchange, message.routing_key) == (names.rejected, reason)
+        assert message.body == body
+        assert errors(document, f"{pointer}/x-amqp-properties", properties) == []
+        assert errors(document, f"{pointer}/headers", headers) == []
+        digest = hashlib.sha256(body).hexdigest()
+        assert properties == {
+            "content_type": spec["contentType"],
+            "delivery_mode": 2,
+            "message_id": f"{principal}:rejected:sha256-{digest}",
+            "type": spec["bindings"]["amqp"]["messageType"],
+            "timestamp": properties["timestamp"],
+            "app_id": "retm-relay",
+        }
+        received_at = headers.pop("x-relay-received-at")
+        assert iso_utc_millis(before) <= received_at <= iso_utc_millis(after)
+        assert received_at.startswith(iso_utc_millis(properties["timestamp"])[:19])
+        expected = {
+            "x-relay-rejected-reason": reason,
+            "x-relay-rejected-detail": answer.body["detail"],
+            "x-relay-route": path.rsplit("/", 1)[1],
+        }
+        if content_type is not None:
+            expected["x-relay-content-type"] = content_type
+        if token == BOUND_TOKEN:
+            expected["x-retm-business"] = "nakheelember"
+        assert headers == expected
+    assert (spec["contentType"], spec["bindings"]["amqp"]["messageType"]) == (
+        "application/octet-stream",
+        "rejected",
+    )
+
+
+def replay_environ(names: Names, config: Path) -> dict[str, str]:
+    """``retm-relay replay``'s environment: the broker and the test's own archive."""
+    config.write_text("")
+    return cli_environ(
+        config,
+        RELAY_AMQP_URL=AMQP_URL,
+        RELAY_AMQP_EXCHANGE=names.exchange,
+        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
+        RELAY_ARCHIVE_QUEUE=names.archive,
+    )
+
+
+async def test_archive_and_replayed_copies_match_the_contract(
+    start_relay: StartRelay,
+    broker: Broker,
+    names: Names,
+    document: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """A routed event, an unroutable one and a refused body, read back from the real archive
+    stream as the document says (prefetch, manual acks, ``x-stream-offset``): each is the
+    message its consumer got, with the same routing key, properties and headers plus an
+    integer ``x-stream-offset``, valid against its message's schemas; ``retm-relay replay
+    --to-queue`` republishes each unchanged plus ``x-relay-replayed-at``, also valid."""
+    relay = await start_relay()
+    orders = await broker.tap(names.exchange, "order.#")
+    unrouted = await broker.tap_queue(names.unrouted)
+    quarantine = await broker.tap_queue(names.rejected)
+    posted = [
+        ("order.created", fixture_bytes("order.created.json"), 200),
+        ("customer.deleted", fixture_bytes("customer.deleted.json"), 200),
+        ("rejected", b"not json " + uuid.uuid4().hex.encode(), 400),
+    ]
+    for _, body, status in posted:
+        assert (await relay.event(body)).status == status
+    consumed = [await orders.get(), await unrouted.get(), await quarantine.get()]
+    archived = await read_archive(broker, names.archive, posted[-1][1])
+
+    assert [m.body for m in archived] == [body for _, body, _ in posted]
+    offsets = []
+    for (key, _, _), original, copy in zip(posted, consumed, archived, strict=True):
+        pointer = f"#/components/messages/{key}"
+        headers = dict(copy.headers or {})
+        offsets.append(headers.pop("x-stream-offset"))
+        original_headers = dict(original.headers or {})
+        for extra in ("x-relay-routing-key", "x-relay-exchange"):  # the unrouted copy's own
+            original_headers.pop(extra, None)
+        assert copy.exchange == names.archive
+        assert copy.routing_key == (original.headers or {}).get(
+            "x-relay-routing-key", original.routing_key
+        )
+        assert properties_of(copy) == properties_of(original)
+        assert headers == original_headers
+        assert errors(document, f"{pointer}/x-amqp-properties", properties_of(copy)) == []
+        assert errors(document, f"{pointer}/headers", dict(copy.headers or {})) == []
+        if key != "rejected":
+            assert errors(document, f"{pointer}/payload", orjson.loads(copy.body)) == []
+    assert all(isinstance(offset, int) for offset in offsets)
+    assert offsets == sorted(offsets)
+
+    assert broker.channel is not None
+    target = names("replayed")
+    await broker.channel.declare_queue(target, durable=True)
+    broker.forget_later(queues=(target,))
+    env = replay_environ(names, tmp_path / "empty.toml")
+    result = await run_cli("replay", "--since", "10m", "--to-queue", target, env=env)
+    assert (result.code, result.stdout) == (
+        0,
+        f"read 3, matched 3, published 3 to queue {target}\n",
+    )
+    queue = await broker.channel.get_queue(target, ensure=True)
+    replayed = [await queue.get(timeout=5) for _ in posted]
+    for (key, _, _), copy, message in zip(posted, archived, replayed, strict=True):
+        pointer = f"#/components/messages/{key}"
+        headers = dict(message.headers or {})
+        replayed_at = headers.pop("x-relay-replayed-at")
+        archived_headers = dict(copy.headers or {})
+        del archived_headers["x-stream-offset"]
+        assert (message.exchange, message.routing_key) == ("", target)
+        assert message.body == copy.body
+        assert properties_of(message) == properties_of(copy)
+        assert headers == archived_headers
+        assert errors(document, f"{pointer}/headers", dict(message.headers or {})) == []
+        assert replayed_at == dict(replayed[0].headers or {})["x-relay-replayed-at"]
+        await message.ack()

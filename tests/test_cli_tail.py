@@ -19,6 +19,7 @@ from tests.conftest import (
     Names,
     RunningRelay,
     fixture_bytes,
+    read_archive,
     wait_for,
 )
 
@@ -237,6 +238,68 @@ async def wait_for_depth(name: str, depth: int) -> None:
         return await queue_depth(name) == depth
 
     await wait_for(reached, what=f"{depth} messages on {name}")
+
+
+async def test_tail_queue_on_a_replay_target_shows_each_event_and_its_summary(
+    relay: RunningRelay, env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """Events that ``replay --to-queue`` republished through the default exchange (their
+    routing key is the queue's name) are printed as the exchange tail prints them: the event
+    (from ``x-retm-event``) and the order summary, not the queue's name."""
+    bodies = [
+        fixture_bytes(name)
+        for name in ("order.created.json", "customer.created.json", "order.refunded.json")
+    ]
+    for body in bodies:
+        assert (await relay.event(body)).status == 200
+    await read_archive(broker, names.archive, bodies[-1])
+    target = names("erp.orders")
+    assert broker.channel is not None
+    await broker.channel.declare_queue(target, durable=True)
+    broker.forget_later(queues=(target,))
+    replay = await run_cli(
+        "replay", "--since", "10m", "--pattern", "order.#", "--to-queue", target, env=env
+    )
+    assert replay.stdout == f"read 3, matched 2, published 2 to queue {target}\n", replay
+
+    read = await run_cli("tail", "--queue", target, "--ack", env=env)
+
+    assert read.code == 0, read
+    assert read.stdout == f"{ORDER_LINE}\n{REFUND_LINE}\n"
+    assert read.stderr == (
+        f"retm-relay tail: reading queue {target} (acknowledging (removing) each)\n"
+        "retm-relay tail: 2 messages (removed)\n"
+    )
+    assert await queue_depth(target) == 0
+
+
+async def test_tail_queue_on_a_dead_letter_queue_shows_each_event(
+    relay: RunningRelay, env: dict[str, str], names: Names, broker: Broker
+) -> None:
+    """A message a consumer rejected, dead-lettered with its queue's name as routing key (as
+    ``retm-relay declare`` sets up consumer queues), is printed with its event and summary."""
+    assert broker.channel is not None
+    channel = broker.channel
+    dlx = await channel.declare_exchange(names("dlx"), aio_pika.ExchangeType.DIRECT)
+    dead = await channel.declare_queue(names("erp.dead"), durable=True)
+    await dead.bind(dlx, names("erp"))
+    queue = await channel.declare_queue(
+        names("erp"),
+        durable=True,
+        arguments={"x-dead-letter-exchange": dlx.name, "x-dead-letter-routing-key": names("erp")},
+    )
+    await queue.bind(names.exchange, "order.#")
+    broker.forget_later(exchanges=(dlx.name,), queues=(queue.name, dead.name))
+    assert (await relay.event(fixture_bytes("order.created.json"))).status == 200
+    await wait_for_depth(queue.name, 1)
+    message = await queue.get()
+    await message.reject(requeue=False)
+    await wait_for_depth(dead.name, 1)
+
+    read = await run_cli("tail", "--queue", dead.name, env=env)
+
+    assert read.code == 0, read
+    assert read.stdout == ORDER_LINE + "\n"
 
 
 async def test_tail_queue_fails_when_the_queue_does_not_exist(env: dict[str, str]) -> None:

@@ -19,12 +19,15 @@ requeues the unacknowledged messages itself when the connection closes. ``ack=Tr
 acknowledges each message once printed, removing it from the queue. Messages are taken one at a
 time with ``basic.get``, so tail never holds more than one in memory.
 
-Line format: ``<routing key> <business> <reference> <summary>``; ``-`` for what is unknown. The
-summary comes from RETM's field names (docs/retm.md, "Invoice webhooks", "Customer webhook",
-"Error webhook"): ``invoice_id``,
-``total_price``, ``products`` and ``status`` of invoice events, ``customer.id`` and
-``customer.name`` of customer events, ``code``, ``endpoint`` and ``message`` of the error
-webhook, ``reward_code`` of loyalty hooks; for anything else, the body's size and top-level keys.
+Line format: ``<routing key> <business> <reference> <summary>``; ``-`` for what is unknown. A
+message whose routing key does not name its event shows the event instead (``x-retm-event``,
+else the ``type`` property): one that ``retm-relay replay --to-queue`` published through the
+default exchange, or that was dead-lettered under its queue's name, has the queue's name as
+routing key. The summary comes from RETM's field names (docs/retm.md, "Invoice webhooks",
+"Customer webhook", "Error webhook"): ``invoice_id``, ``total_price``, ``products`` and
+``status`` of invoice events, ``customer.id`` and ``customer.name`` of customer events,
+``code``, ``endpoint`` and ``message`` of the error webhook, ``reward_code`` of loyalty hooks;
+for anything else, the body's size and top-level keys.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from tqdm import tqdm
 
 from relay.amqp.link import connect_first, nodes_text
+from relay.amqp.publish import REJECTED_REASON_HEADER
 from relay.amqp.topology import exchanges_for_pattern
 from relay.settings import Settings
 
@@ -109,16 +113,34 @@ def summary(routing_key: str, body: bytes) -> str:
     return _printable(", ".join(parts))
 
 
-def format_line(message: AbstractIncomingMessage) -> str:
-    """One line for ``message``: routing key, business, reference, summary. A message from the
-    unrouted exchange shows the routing key it was meant for, marked ``(unrouted)``; one from
-    the quarantine shows why it was refused (its routing key), marked ``(rejected)``."""
+def event_key(message: AbstractIncomingMessage) -> str:
+    """The routing key that names ``message``'s event: its routing key when that is the event
+    (``x-retm-event``, else the ``type`` property) or the event with more segments
+    (``amqp.routing_key_template``); else the event itself. A message that ``replay
+    --to-queue`` published through the default exchange, or that was dead-lettered with
+    ``x-dead-letter-routing-key``, has a queue's name as routing key. A message that names no
+    event (not the relay's, or a quarantined body) keeps its routing key."""
     headers: Mapping[str, Any] = message.headers or {}
     routing_key = message.routing_key or ""
+    if REJECTED_REASON_HEADER in headers:
+        return routing_key
+    event = _text(headers.get("x-retm-event")) or _text(message.type)
+    if not event or routing_key == event or routing_key.startswith(event + "."):
+        return routing_key
+    return event
+
+
+def format_line(message: AbstractIncomingMessage) -> str:
+    """One line for ``message``: routing key (the event's, see ``event_key``), business,
+    reference, summary. A message from the unrouted exchange shows the routing key it was meant
+    for, marked ``(unrouted)``; one from the quarantine shows why it was refused (its routing
+    key), marked ``(rejected)``."""
+    headers: Mapping[str, Any] = message.headers or {}
+    routing_key = event_key(message)
     intended = headers.get("x-relay-routing-key")
     shown = f"{_text(intended)} (unrouted)" if intended is not None else routing_key
-    if "x-relay-rejected-reason" in headers:
-        shown = f"{_text(headers['x-relay-rejected-reason'])} (rejected)"
+    if REJECTED_REASON_HEADER in headers:
+        shown = f"{_text(headers[REJECTED_REASON_HEADER])} (rejected)"
     business = _text(headers.get("x-retm-business")) or "-"
     reference = _text(headers.get("x-retm-reference")) or "-"
     key_for_summary = _text(intended) if intended is not None else routing_key
