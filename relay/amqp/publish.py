@@ -8,11 +8,13 @@ the intended routing key in a header, before it answers. An event is never dropp
 
 With the archive on (``archive.*``, docs/replay.md), each event is published twice in the same
 write: to its event exchange as above, and, unchanged, to the archive's fanout exchange, bound to
-a RabbitMQ stream. The publish succeeds once both are confirmed. The archive's copy is a
-separate publish rather than an exchange-to-exchange binding so that ``mandatory`` still tells
-the relay, synchronously, that no consumer queue was bound for an event (the stream would take
-every message and no publish would ever be returned), and so that the event exchanges keep
-their arguments and bindings (docs/replay.md, "Design").
+a RabbitMQ stream. The publish succeeds once both are confirmed. Bodies quarantined on
+``amqp.rejected_exchange`` are not archived: they were answered 400, not 2xx, the quarantine's
+quorum queue already keeps them, and a replay must not put them on a consumer's queue. The
+archive's copy is a separate publish rather than an exchange-to-exchange binding so that
+``mandatory`` still tells the relay, synchronously, that no consumer queue was bound for an
+event (the stream would take every message and no publish would ever be returned), and so that
+the event exchanges keep their arguments and bindings (docs/replay.md, "Design").
 
 Publishes go out through a sender of ``relay.amqp.senders``: the fast path, where the frames of
 every publish made during one event-loop turn are marshalled by ``relay.amqp.wire`` and written
@@ -486,7 +488,11 @@ class Publisher(SupervisedLink[_Link]):
             # usually comes in the same Basic.Ack (multiple). It is not mandatory: aiormq
             # matches a Basic.Return to its publish by message_id, which both copies share, so
             # only the event's own publish may be returned (its registration, made last, wins).
-            archive = self.archive.queue if self.archive is not None else ""
+            archive = (
+                self.archive.queue
+                if self.archive is not None and route.exchange != self.settings.rejected_exchange
+                else ""
+            )
             archived = (
                 self._send(link, envelope, archive, None, archive_copy=True) if archive else None
             )
