@@ -31,7 +31,7 @@ from aiohttp import hdrs, http_exceptions, web
 
 from relay import json_body
 from relay.amqp.publish import REJECTED_REASON_HEADER, Envelope
-from relay.dedup.memory import DedupStore, Verdict, body_reference, dedup_key
+from relay.dedup.memory import DedupStore, Verdict, body_reference, dedup_key, key_event
 from relay.errors import BrokerUnavailable, StoreUnavailable
 from relay.http.auth import Principal, TokenAuthenticator
 from relay.logs import iso_utc_millis
@@ -423,7 +423,9 @@ class Ingest:
             # arrival is its own event (never answered "duplicate"), with a message_id of its own
             key, ttl = f"{principal.id}:{event}:arrival-{uuid.uuid4().hex}", None
         else:
-            key = dedup_key(principal.id, event, body, hook.raw, self.key_fields)
+            key = dedup_key(
+                principal.id, key_event(event, raw_event), body, hook.raw, self.key_fields
+            )
             referenced = body_reference(body, self.key_fields) is not None
             ttl = None if referenced else self.hash_ttl
         headers = contract_headers(event, business, body, hook.received_at)

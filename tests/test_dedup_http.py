@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 from relay.http.app import PUBLISHER, SPOOL
 from tests.conftest import (
@@ -115,4 +116,43 @@ async def test_retry_after_a_503_is_published(
     assert retried.status == 200
     assert retried.body["status"] == "accepted"
     assert [m.body for m in await tap.take(2)] == [filler, raw]
+    await assert_only_sentinel_follows(relay, tap)
+
+
+async def test_unusable_event_names_sharing_a_reference_are_distinct_events(
+    relay: RunningRelay, broker: Broker, names: Names
+) -> None:
+    """Events whose ``event`` cannot be a routing key all route as ``unrecognized``, but two
+    different such names (or none) about one object are two events, as two valid names are:
+    each is published once, and each one's retry is answered ``duplicate``."""
+    tap = await broker.tap(names.exchange)
+    bodies = [
+        b'{"event":"Menu Updated","reference":"menu-7","menu":1}',
+        b'{"event":"Menu Deleted","reference":"menu-7","menu":2}',
+        b'{"reference":"menu-7","menu":3}',
+        '{"event":"menü.updated","reference":"menu-7"}'.encode(),
+        b'{"event":["menu"],"reference":"menu-7"}',
+    ]
+
+    first = [await relay.event(body) for body in bodies]
+    retries = [await relay.event(body) for body in bodies]
+
+    assert [a.body["status"] for a in first] == ["accepted"] * 5
+    assert [a.body["status"] for a in retries] == ["duplicate"] * 5
+    assert [a.body["id"] for a in retries] == [a.body["id"] for a in first]
+    ids = [a.body["id"] for a in first]
+    principal = ids[2].split(":")[0]
+    assert ids[2] == f"{principal}:unrecognized:menu-7"  # no event at all: the plain key
+    assert len(set(ids)) == 5
+    for key, raw in zip(
+        ids[:2] + ids[3:],
+        ['"Menu Updated"', '"Menu Deleted"', '"menü.updated"', '["menu"]'],
+        strict=True,
+    ):
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+        assert key == f"{principal}:unrecognized-{digest}:menu-7"
+    messages = await tap.take(5)
+    assert [m.body for m in messages] == bodies
+    assert [m.routing_key for m in messages] == ["unrecognized"] * 5
+    assert [m.message_id for m in messages] == ids
     await assert_only_sentinel_follows(relay, tap)

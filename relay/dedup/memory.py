@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
+
+from relay.routing import UNRECOGNIZED
 
 MAX_KEY_BYTES = 255  # the key is the AMQP message_id, a shortstr
 
@@ -81,6 +84,20 @@ def dedup_key(
         if len(key.encode()) > MAX_KEY_BYTES:
             key = f"{principal}:sha256-{hashlib.sha256(key.encode()).hexdigest()}"
     return key
+
+
+def key_event(event: str, raw_event: object) -> str:
+    """The event part of a dedup key: ``event``, except for an ``unrecognized`` event that
+    named one (``"Menu Updated"``, ``"menü.updated"``, ``5``): ``unrecognized-<12 hex>``, the
+    start of the SHA-256 of that value as JSON. Two unusable event names about one object
+    (sharing its ``reference``) are then two events, as two valid names are; a retry, which
+    repeats the body, keeps its key. A body with no ``event`` at all keeps ``unrecognized``."""
+    if event != UNRECOGNIZED or raw_event is None:
+        return event
+    named = json.dumps(raw_event, sort_keys=True, ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+    return f"{UNRECOGNIZED}-{hashlib.sha256(named).hexdigest()[:12]}"
 
 
 def body_reference(body: Mapping[str, object], key_fields: Iterable[str]) -> str | None:
