@@ -485,7 +485,8 @@ class Publisher(SupervisedLink[_Link]):
         route = envelope.route
         try:
             # The archive's copy goes out first, in the same write as the event; its confirm
-            # usually comes in the same Basic.Ack (multiple). It is not mandatory: aiormq
+            # mostly comes in a Basic.Ack of its own (the stream and the event's queue confirm
+            # at different moments: docs/replay.md, "Design"). It is not mandatory: aiormq
             # matches a Basic.Return to its publish by message_id, which both copies share, so
             # only the event's own publish may be returned (its registration, made last, wins).
             archive = (
