@@ -481,6 +481,7 @@ class Publisher(SupervisedLink[_Link]):
         seconds = timeout or self.settings.publish_timeout
         deadline = loop.time() + seconds
         route = envelope.route
+        refused = "the message"  # what a nack refused
         try:
             # The archive's copy goes out first, in the same write as the event; its confirm
             # usually comes in the same Basic.Ack (multiple). It is not mandatory: aiormq
@@ -523,13 +524,11 @@ class Publisher(SupervisedLink[_Link]):
             if archived is not None:
                 if not await _settled(archived, deadline):
                     raise self._timed_out(link, archived, seconds)
+                refused = "the message's archive copy"
                 archived.result()  # a nack raises DeliveryError
                 self.last_archived_at = envelope.received_at
         except DeliveryError:
-            if link.nacked_in_a_row >= NACKS_BEFORE_RESET and not link.closed.is_set():
-                log.warning("broker.nacking", broker=self.address, nacked=link.nacked_in_a_row)
-                link.mark_closed(f"{link.nacked_in_a_row} publishes nacked in a row")
-            raise BrokerUnavailable("nacked", "the broker refused the message") from None
+            raise self._nacked(link, refused) from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable("channel_closed", describe(exc)) from None
         self.metrics.published(envelope.event, time.perf_counter() - started)
@@ -587,6 +586,15 @@ class Publisher(SupervisedLink[_Link]):
             link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
             link.abort()
         return BrokerUnavailable("timeout", "no publisher confirm before the deadline", pending)
+
+    def _nacked(self, link: _Link, refused: str) -> BrokerUnavailable:
+        """The error for a nacked publish (``refused``: what the broker refused); resets a
+        link on which ``NACKS_BEFORE_RESET`` publishes were nacked in a row."""
+        nacked = link.nacked_in_a_row
+        if nacked >= NACKS_BEFORE_RESET and not link.closed.is_set():
+            log.warning("broker.nacking", broker=self.address, nacked=nacked)
+            link.mark_closed(f"{nacked} publishes nacked in a row")
+        return BrokerUnavailable("nacked", f"the broker refused {refused}")
 
     def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
         if not confirmation.cancelled() and confirmation.exception() is None:
