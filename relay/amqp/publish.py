@@ -96,7 +96,10 @@ PERSISTENT = 2
 #: while a quorum queue's leader had just died (a node killed) can go on nacking every publish
 #: to that queue although the queue has a new leader (RabbitMQ 3.10); a new channel publishes
 #: fine. A queue that is full with ``overflow = reject-publish`` also nacks in a row: resetting
-#: then costs a reconnect, and the events wait in the spool as they would anyway.
+#: then costs a reconnect, and the events wait in the spool as they would anyway. The events'
+#: publishes and the archive's copies are counted apart: with the archive on, every event's
+#: publish is followed by its copy's, and the stream's acks must not hide a queue that nacks
+#: every event (nor the reverse).
 NACKS_BEFORE_RESET = 32
 #: seconds without any answer to an outstanding publish after which the link is suspect:
 #: new events go to the spool instead of joining the queue of unanswered publishes. (0.25 s
@@ -145,25 +148,45 @@ class _Link(Link):
     #: how many of ``inflight`` are archive copies (not counted by ``Publisher.in_flight``)
     copies: int = 0
     transport: _RecordingTransport | None = None
-    #: publishes nacked since the last one acked or returned on this link
+    #: event publishes nacked since the last one acked or returned on this link
     nacked_in_a_row: int = 0
+    #: archive copies nacked since the last one acked on this link
+    copies_nacked_in_a_row: int = 0
 
     def settled(self, confirmation: asyncio.Future[Any]) -> None:
-        """A confirmation settled: forget it; any answer of the broker (ack, nack, return)
-        counts as a sign of life for stall detection."""
+        """An event's confirmation settled: forget it, and count a nack in a row."""
         self.inflight.pop(confirmation, None)
-        if not confirmation.cancelled():
-            error = confirmation.exception()
-            if error is None or isinstance(error, PublishError | DeliveryError):
-                self.last_reply = asyncio.get_running_loop().time()
-                if isinstance(error, DeliveryError):
-                    self.nacked_in_a_row += 1
-                else:
-                    self.nacked_in_a_row = 0
+        answer = self._answer(confirmation)
+        if answer == "nack":
+            self.nacked_in_a_row += 1
+        elif answer == "ack":
+            self.nacked_in_a_row = 0
 
-    def copy_settled(self, _: asyncio.Future[Any]) -> None:
-        """An archive copy's confirmation settled."""
+    def copy_settled(self, confirmation: asyncio.Future[Any]) -> None:
+        """An archive copy's confirmation settled: forget it, and count a nack in a row."""
+        self.inflight.pop(confirmation, None)
         self.copies -= 1
+        answer = self._answer(confirmation)
+        if answer == "nack":
+            self.copies_nacked_in_a_row += 1
+        elif answer == "ack":
+            self.copies_nacked_in_a_row = 0
+
+    def _answer(self, confirmation: asyncio.Future[Any]) -> Literal["ack", "nack"] | None:
+        """What the broker answered to a settled publish: ``ack`` (a return too: it is acked
+        next), ``nack``, or None when it did not answer (the link closed first). Any answer
+        counts as a sign of life for stall detection."""
+        if confirmation.cancelled():
+            return None
+        error = confirmation.exception()
+        if error is None or isinstance(error, PublishError):
+            answer: Literal["ack", "nack"] = "ack"
+        elif isinstance(error, DeliveryError):
+            answer = "nack"
+        else:
+            return None
+        self.last_reply = asyncio.get_running_loop().time()
+        return answer
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -559,10 +582,11 @@ class Publisher(SupervisedLink[_Link]):
             exchange, envelope.route.routing_key, envelope.body, props, mandatory=not archive_copy
         )
         link.inflight[confirmation] = asyncio.get_running_loop().time()
-        confirmation.add_done_callback(link.settled)
         if archive_copy:
             link.copies += 1
             confirmation.add_done_callback(link.copy_settled)
+        else:
+            confirmation.add_done_callback(link.settled)
         return confirmation
 
     def _timed_out(
@@ -589,8 +613,9 @@ class Publisher(SupervisedLink[_Link]):
 
     def _nacked(self, link: _Link, refused: str) -> BrokerUnavailable:
         """The error for a nacked publish (``refused``: what the broker refused); resets a
-        link on which ``NACKS_BEFORE_RESET`` publishes were nacked in a row."""
-        nacked = link.nacked_in_a_row
+        link on which ``NACKS_BEFORE_RESET`` event publishes, or archive copies, were nacked
+        in a row."""
+        nacked = max(link.nacked_in_a_row, link.copies_nacked_in_a_row)
         if nacked >= NACKS_BEFORE_RESET and not link.closed.is_set():
             log.warning("broker.nacking", broker=self.address, nacked=nacked)
             link.mark_closed(f"{nacked} publishes nacked in a row")
