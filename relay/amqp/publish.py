@@ -137,6 +137,15 @@ class Envelope:
         return CONTENT_TYPE
 
 
+class CopyDropped(AMQPError):
+    """The broker will not confirm an archive copy: it has confirmed a copy published after it
+    on the same channel, and a stream confirms its publishes in order. (RabbitMQ 3.10 leaves
+    some copies published on a channel that opened while the stream's leader had just died
+    unanswered for good, while it confirms the copies published after them.)"""
+
+    reason = "%s"
+
+
 @dataclass(slots=True, kw_only=True)
 class _Link(Link):
     underlay: aiormq.Channel
@@ -145,8 +154,11 @@ class _Link(Link):
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
     inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
-    #: how many of ``inflight`` are archive copies (not counted by ``Publisher.in_flight``)
-    copies: int = 0
+    #: the archive copies among ``inflight`` (not counted by ``Publisher.in_flight``), in the
+    #: order they were published -> their number on this link (1, 2 ...)
+    copies: dict[asyncio.Future[Any], int] = field(default_factory=dict)
+    #: archive copies published on this link
+    copies_sent: int = 0
     transport: _RecordingTransport | None = None
     #: event publishes nacked since the last one acked or returned on this link
     nacked_in_a_row: int = 0
@@ -163,19 +175,38 @@ class _Link(Link):
             self.nacked_in_a_row = 0
 
     def copy_settled(self, confirmation: asyncio.Future[Any]) -> None:
-        """An archive copy's confirmation settled: forget it, and count a nack in a row."""
+        """An archive copy's confirmation settled: forget it, count a nack in a row; an ack
+        also settles the copies published before it that are still unanswered: the broker
+        dropped them (``CopyDropped``)."""
         self.inflight.pop(confirmation, None)
-        self.copies -= 1
+        number = self.copies.pop(confirmation, None)
         answer = self._answer(confirmation)
         if answer == "nack":
             self.copies_nacked_in_a_row += 1
         elif answer == "ack":
             self.copies_nacked_in_a_row = 0
+            if number is not None:
+                self._drop_copies_before(number)
+
+    def _drop_copies_before(self, number: int) -> None:
+        copies = self.copies
+        while copies:
+            older, older_number = next(iter(copies.items()))
+            if older_number > number:
+                break
+            del copies[older]  # (its own copy_settled finds nothing left to do)
+            if not older.done():
+                older.set_exception(
+                    CopyDropped(
+                        "the broker dropped the archive copy's confirm (it confirmed a copy "
+                        "published after it)"
+                    )
+                )
 
     def _answer(self, confirmation: asyncio.Future[Any]) -> Literal["ack", "nack"] | None:
         """What the broker answered to a settled publish: ``ack`` (a return too: it is acked
-        next), ``nack``, or None when it did not answer (the link closed first). Any answer
-        counts as a sign of life for stall detection."""
+        next), ``nack``, or None when it did not answer (the link closed first, the confirm was
+        dropped). Any answer counts as a sign of life for stall detection."""
         if confirmation.cancelled():
             return None
         error = confirmation.exception()
@@ -480,7 +511,7 @@ class Publisher(SupervisedLink[_Link]):
         """Publishes on the current link still waiting for their confirm, not counting the
         archive's copies (so that this counts events, archive on or off)."""
         link = self._link
-        return len(link.inflight) - link.copies if link is not None else 0
+        return len(link.inflight) - len(link.copies) if link is not None else 0
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
@@ -546,7 +577,7 @@ class Publisher(SupervisedLink[_Link]):
                     ) from None
             if archived is not None:
                 if not await _settled(archived, deadline):
-                    raise self._timed_out(link, archived, seconds)
+                    raise self._copy_timed_out(link, archived, seconds)
                 refused = "the message's archive copy"
                 archived.result()  # a nack raises DeliveryError
                 self.last_archived_at = envelope.received_at
@@ -583,7 +614,8 @@ class Publisher(SupervisedLink[_Link]):
         )
         link.inflight[confirmation] = asyncio.get_running_loop().time()
         if archive_copy:
-            link.copies += 1
+            link.copies_sent += 1
+            link.copies[confirmation] = link.copies_sent
             confirmation.add_done_callback(link.copy_settled)
         else:
             confirmation.add_done_callback(link.settled)
@@ -620,6 +652,21 @@ class Publisher(SupervisedLink[_Link]):
             log.warning("broker.nacking", broker=self.address, nacked=nacked)
             link.mark_closed(f"{nacked} publishes nacked in a row")
         return BrokerUnavailable("nacked", f"the broker refused {refused}")
+
+    def _copy_timed_out(
+        self, link: _Link, archived: asyncio.Future[Any], seconds: float
+    ) -> BrokerUnavailable:
+        """The error for a publish whose event was confirmed but whose archive copy missed
+        the deadline. A copy the broker dropped is settled as soon as a later copy is
+        confirmed (``_Link.copy_settled``); when none was published after this one, nothing
+        ever will settle it, and its spooled row would be held, and the spool with it, for
+        as long as the link lives: the link is reset instead (its unanswered publishes fail,
+        and their rows are forwarded on a new channel)."""
+        error = self._timed_out(link, archived, seconds)
+        if link.copies.get(archived) == link.copies_sent and not link.closed.is_set():
+            log.warning("broker.unconfirmed", broker=self.address, seconds=seconds)
+            link.mark_closed(f"an archive copy unconfirmed for {seconds:g}s, its event confirmed")
+        return error
 
     def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
         if not confirmation.cancelled() and confirmation.exception() is None:
