@@ -176,15 +176,7 @@ async def test_kill_9_of_the_connected_node_moves_the_relay_to_another(
             names("all"), durable=True, arguments={"x-queue-type": "quorum"}
         )
         await queue.bind(exchange, "#")
-    # The archive is off here: with it on, in about one run in three the spool stopped draining
-    # after the node kill (the archive stream's leader died with the node; see "Known issue" in
-    # docs/several-machines.md). make chaos CHAOS_ARGS=--cluster runs with the archive on.
-    environ = relay_environ(
-        names,
-        tmp_path / "state",
-        RELAY_AMQP_URL=",".join(cluster.urls),
-        RELAY_ARCHIVE_ENABLED="false",
-    )
+    environ = relay_environ(names, tmp_path / "state", RELAY_AMQP_URL=",".join(cluster.urls))
     relay = await start_relay(environ)
     publisher, spool = relay.app[PUBLISHER], relay.app[SPOOL]
     count = 1500
