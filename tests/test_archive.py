@@ -10,7 +10,9 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+from structlog.testing import capture_logs
 
+from relay.amqp.publish import NACKS_BEFORE_RESET
 from relay.http.app import ARCHIVE, PUBLISHER, SPOOL
 from relay.service import StartupError
 from tests.conftest import (
@@ -272,3 +274,41 @@ async def test_archive_copies_do_not_count_against_the_direct_publish_limit(
     assert (await relay.event(sentinel)).status == 200
     archived = await read_archive(broker, names.archive, sentinel)
     assert sorted(m.body for m in archived[:-1]) == sorted(bodies)
+
+
+@pytest.mark.parametrize("refused", ["events", "archive copies"])
+async def test_a_queue_that_nacks_every_publish_resets_the_link_though_the_rest_are_acked(
+    start_relay: StartRelay, broker: Broker, names: Names, refused: str
+) -> None:
+    """A queue that refuses every message (``reject-publish`` at length 0) bound for the
+    events, or for the archive's copies: the other half of every publish is acked, yet after
+    ``NACKS_BEFORE_RESET`` nacks in a row the link is reset (``broker.nacking``), as with the
+    archive off (a channel that nacks every publish to a queue after a node's death); once the
+    queue is gone, the spool drains and every event is on its queue."""
+    relay = await start_relay()
+    publisher, spool = relay.relay.app[PUBLISHER], relay.relay.app[SPOOL]
+    orders = await broker.tap(names.exchange, "order.#")
+    assert broker.channel is not None
+    refuser = await broker.channel.declare_queue(
+        names("refuser"), arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    broker.forget_later(queues=(refuser.name,))
+    await refuser.bind(names.exchange if refused == "events" else names.archive, "#")
+    sent = [event("order.created", f"nacked-{n}") for n in range(NACKS_BEFORE_RESET + 8)]
+
+    with capture_logs() as logs:
+        answers = [await relay.event(body) for body in sent]
+        await wait_for(lambda: publisher.reconnects >= 1, timeout=30, what="the link reset")
+        await refuser.delete(if_unused=False, if_empty=False)
+        await wait_for(lambda: spool.depth == 0, timeout=30, what="the spool to drain")
+    received: set[bytes] = set()
+    while received != set(sent):  # (a nacked publish may still have reached this queue)
+        received.add((await orders.get()).body)
+
+    assert [a.status for a in answers] == [200] * len(sent)
+    nacking = [e for e in logs if e["event"] == "broker.nacking"]
+    assert nacking, [e["event"] for e in logs]
+    assert nacking[0]["nacked"] >= NACKS_BEFORE_RESET
+    refusal = "the message's archive copy" if refused == "archive copies" else "the message"
+    failed = [e["error"] for e in logs if e["event"] == "spool.forward_failed"]
+    assert f"nacked: the broker refused {refusal}" in failed, failed

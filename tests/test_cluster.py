@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -114,6 +115,29 @@ async def start_relay(environ: dict[str, str]) -> Relay:
     return relay
 
 
+async def print_relay_state(relay: Relay) -> None:
+    """Print what a stuck relay is doing (for a failed test: pytest shows it with the relay's
+    log, which is the captured stdout): its /health, the publisher's link and each task's
+    await point."""
+    async with aiohttp.ClientSession() as session, session.get(relay.url + "/health") as r:
+        print("\n/health:", await r.text())
+    publisher = relay.app[PUBLISHER]
+    link = publisher._link  # a post-mortem
+    if link is not None:
+        underlay = link.underlay
+        print(
+            f"link: unconfirmed {len(link.inflight)} ({publisher.in_flight()} events), "
+            f"nacked in a row {link.nacked_in_a_row}, "
+            f"delivery_tag {underlay.delivery_tag}, confirmations "
+            f"{sorted(underlay.confirmations)[:50]}, closed {link.closed.is_set()}"
+        )
+    spool = relay.app[SPOOL]
+    print(f"spool: held {spool.held}, deleting {sorted(spool.deleting)[:20]}")
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}")
+        task.print_stack(limit=12, file=sys.stdout)
+
+
 async def ready(relay: Relay) -> bool:
     async with aiohttp.ClientSession() as session, session.get(relay.url + "/readyz") as r:
         return r.status == 200
@@ -152,15 +176,7 @@ async def test_kill_9_of_the_connected_node_moves_the_relay_to_another(
             names("all"), durable=True, arguments={"x-queue-type": "quorum"}
         )
         await queue.bind(exchange, "#")
-    # The archive is off here: with it on, in about one run in three the spool stopped draining
-    # after the node kill (the archive stream's leader died with the node; see "Known issue" in
-    # docs/several-machines.md). make chaos CHAOS_ARGS=--cluster runs with the archive on.
-    environ = relay_environ(
-        names,
-        tmp_path / "state",
-        RELAY_AMQP_URL=",".join(cluster.urls),
-        RELAY_ARCHIVE_ENABLED="false",
-    )
+    environ = relay_environ(names, tmp_path / "state", RELAY_AMQP_URL=",".join(cluster.urls))
     relay = await start_relay(environ)
     publisher, spool = relay.app[PUBLISHER], relay.app[SPOOL]
     count = 1500
@@ -180,7 +196,11 @@ async def test_kill_9_of_the_connected_node_moves_the_relay_to_another(
         await wait_for(moved_and_ready, timeout=15, what="the relay ready on another node")
         back_after = time.monotonic() - killed_at
         await asyncio.wait_for(sending, 240)
-        await wait_for(lambda: spool.depth == 0, timeout=60, what="the spool to drain")
+        try:
+            await wait_for(lambda: spool.depth == 0, timeout=60, what="the spool to drain")
+        except pytest.fail.Exception:
+            await print_relay_state(relay)
+            raise
         failovers = publisher.failovers
         survivor = next(node for node in cluster.nodes if node is not first)
     finally:

@@ -98,7 +98,10 @@ PERSISTENT = 2
 #: while a quorum queue's leader had just died (a node killed) can go on nacking every publish
 #: to that queue although the queue has a new leader (RabbitMQ 3.10); a new channel publishes
 #: fine. A queue that is full with ``overflow = reject-publish`` also nacks in a row: resetting
-#: then costs a reconnect, and the events wait in the spool as they would anyway.
+#: then costs a reconnect, and the events wait in the spool as they would anyway. The events'
+#: publishes and the archive's copies are counted apart: with the archive on, every event's
+#: publish is followed by its copy's, and the stream's acks must not hide a queue that nacks
+#: every event (nor the reverse).
 NACKS_BEFORE_RESET = 32
 #: seconds without any answer to an outstanding publish after which the link is suspect:
 #: new events go to the spool instead of joining the queue of unanswered publishes. (0.25 s
@@ -136,6 +139,15 @@ class Envelope:
         return CONTENT_TYPE
 
 
+class CopyDropped(AMQPError):
+    """The broker will not confirm an archive copy: it has confirmed a copy published after it
+    on the same channel, and a stream confirms its publishes in order. (RabbitMQ 3.10 leaves
+    some copies published on a channel that opened while the stream's leader had just died
+    unanswered for good, while it confirms the copies published after them.)"""
+
+    reason = "%s"
+
+
 @dataclass(slots=True, kw_only=True)
 class _Link(Link):
     underlay: aiormq.Channel
@@ -144,28 +156,70 @@ class _Link(Link):
     last_reply: float = 0.0
     #: confirmations on this link still to come -> loop time their publish was sent
     inflight: dict[asyncio.Future[Any], float] = field(default_factory=dict)
-    #: how many of ``inflight`` are archive copies (not counted by ``Publisher.in_flight``)
-    copies: int = 0
+    #: the archive copies among ``inflight`` (not counted by ``Publisher.in_flight``), in the
+    #: order they were published -> their number on this link (1, 2 ...)
+    copies: dict[asyncio.Future[Any], int] = field(default_factory=dict)
+    #: archive copies published on this link
+    copies_sent: int = 0
     transport: _RecordingTransport | None = None
-    #: publishes nacked since the last one acked or returned on this link
+    #: event publishes nacked since the last one acked or returned on this link
     nacked_in_a_row: int = 0
+    #: archive copies nacked since the last one acked on this link
+    copies_nacked_in_a_row: int = 0
 
     def settled(self, confirmation: asyncio.Future[Any]) -> None:
-        """A confirmation settled: forget it; any answer of the broker (ack, nack, return)
-        counts as a sign of life for stall detection."""
+        """An event's confirmation settled: forget it, and count a nack in a row."""
         self.inflight.pop(confirmation, None)
-        if not confirmation.cancelled():
-            error = confirmation.exception()
-            if error is None or isinstance(error, PublishError | DeliveryError):
-                self.last_reply = asyncio.get_running_loop().time()
-                if isinstance(error, DeliveryError):
-                    self.nacked_in_a_row += 1
-                else:
-                    self.nacked_in_a_row = 0
+        answer = self._answer(confirmation)
+        if answer == "nack":
+            self.nacked_in_a_row += 1
+        elif answer == "ack":
+            self.nacked_in_a_row = 0
 
-    def copy_settled(self, _: asyncio.Future[Any]) -> None:
-        """An archive copy's confirmation settled."""
-        self.copies -= 1
+    def copy_settled(self, confirmation: asyncio.Future[Any]) -> None:
+        """An archive copy's confirmation settled: forget it, count a nack in a row; an ack
+        also settles the copies published before it that are still unanswered: the broker
+        dropped them (``CopyDropped``)."""
+        self.inflight.pop(confirmation, None)
+        number = self.copies.pop(confirmation, None)
+        answer = self._answer(confirmation)
+        if answer == "nack":
+            self.copies_nacked_in_a_row += 1
+        elif answer == "ack":
+            self.copies_nacked_in_a_row = 0
+            if number is not None:
+                self._drop_copies_before(number)
+
+    def _drop_copies_before(self, number: int) -> None:
+        copies = self.copies
+        while copies:
+            older, older_number = next(iter(copies.items()))
+            if older_number > number:
+                break
+            del copies[older]  # (its own copy_settled finds nothing left to do)
+            if not older.done():
+                older.set_exception(
+                    CopyDropped(
+                        "the broker dropped the archive copy's confirm (it confirmed a copy "
+                        "published after it)"
+                    )
+                )
+
+    def _answer(self, confirmation: asyncio.Future[Any]) -> Literal["ack", "nack"] | None:
+        """What the broker answered to a settled publish: ``ack`` (a return too: it is acked
+        next), ``nack``, or None when it did not answer (the link closed first, the confirm was
+        dropped). Any answer counts as a sign of life for stall detection."""
+        if confirmation.cancelled():
+            return None
+        error = confirmation.exception()
+        if error is None or isinstance(error, PublishError):
+            answer: Literal["ack", "nack"] = "ack"
+        elif isinstance(error, DeliveryError):
+            answer = "nack"
+        else:
+            return None
+        self.last_reply = asyncio.get_running_loop().time()
+        return answer
 
     def abort(self) -> None:
         """Reset the socket at once (RST): a dead path must not deliver, once it heals, the
@@ -459,7 +513,7 @@ class Publisher(SupervisedLink[_Link]):
         """Publishes on the current link still waiting for their confirm, not counting the
         archive's copies (so that this counts events, archive on or off)."""
         link = self._link
-        return len(link.inflight) - link.copies if link is not None else 0
+        return len(link.inflight) - len(link.copies) if link is not None else 0
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> bool:
         """Publish ``envelope`` and wait for the broker's confirm; True when routed to a queue,
@@ -483,6 +537,7 @@ class Publisher(SupervisedLink[_Link]):
         seconds = timeout or self.settings.publish_timeout
         deadline = loop.time() + seconds
         route = envelope.route
+        refused = "the message"  # what a nack refused
         try:
             # The archive's copy goes out first, in the same write as the event; its confirm
             # mostly comes in a Basic.Ack of its own (the stream and the event's queue confirm
@@ -529,14 +584,12 @@ class Publisher(SupervisedLink[_Link]):
                     ) from None
             if archived is not None:
                 if not await _settled(archived, deadline):
-                    raise self._timed_out(link, archived, seconds)
+                    raise self._copy_timed_out(link, archived, seconds)
+                refused = "the message's archive copy"
                 archived.result()  # a nack raises DeliveryError
                 self.last_archived_at = envelope.received_at
         except DeliveryError:
-            if link.nacked_in_a_row >= NACKS_BEFORE_RESET and not link.closed.is_set():
-                log.warning("broker.nacking", broker=self.address, nacked=link.nacked_in_a_row)
-                link.mark_closed(f"{link.nacked_in_a_row} publishes nacked in a row")
-            raise BrokerUnavailable("nacked", "the broker refused the message") from None
+            raise self._nacked(link, refused) from None
         except (AMQPError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable("channel_closed", describe(exc)) from None
         self.metrics.published(envelope.event, time.perf_counter() - started)
@@ -567,10 +620,12 @@ class Publisher(SupervisedLink[_Link]):
             exchange, envelope.route.routing_key, envelope.body, props, mandatory=not archive_copy
         )
         link.inflight[confirmation] = asyncio.get_running_loop().time()
-        confirmation.add_done_callback(link.settled)
         if archive_copy:
-            link.copies += 1
+            link.copies_sent += 1
+            link.copies[confirmation] = link.copies_sent
             confirmation.add_done_callback(link.copy_settled)
+        else:
+            confirmation.add_done_callback(link.settled)
         return confirmation
 
     def _timed_out(
@@ -594,6 +649,31 @@ class Publisher(SupervisedLink[_Link]):
             link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
             link.abort()
         return BrokerUnavailable("timeout", "no publisher confirm before the deadline", pending)
+
+    def _nacked(self, link: _Link, refused: str) -> BrokerUnavailable:
+        """The error for a nacked publish (``refused``: what the broker refused); resets a
+        link on which ``NACKS_BEFORE_RESET`` event publishes, or archive copies, were nacked
+        in a row."""
+        nacked = max(link.nacked_in_a_row, link.copies_nacked_in_a_row)
+        if nacked >= NACKS_BEFORE_RESET and not link.closed.is_set():
+            log.warning("broker.nacking", broker=self.address, nacked=nacked)
+            link.mark_closed(f"{nacked} publishes nacked in a row")
+        return BrokerUnavailable("nacked", f"the broker refused {refused}")
+
+    def _copy_timed_out(
+        self, link: _Link, archived: asyncio.Future[Any], seconds: float
+    ) -> BrokerUnavailable:
+        """The error for a publish whose event was confirmed but whose archive copy missed
+        the deadline. A copy the broker dropped is settled as soon as a later copy is
+        confirmed (``_Link.copy_settled``); when none was published after this one, nothing
+        ever will settle it, and its spooled row would be held, and the spool with it, for
+        as long as the link lives: the link is reset instead (its unanswered publishes fail,
+        and their rows are forwarded on a new channel)."""
+        error = self._timed_out(link, archived, seconds)
+        if link.copies.get(archived) == link.copies_sent and not link.closed.is_set():
+            log.warning("broker.unconfirmed", broker=self.address, seconds=seconds)
+            link.mark_closed(f"an archive copy unconfirmed for {seconds:g}s, its event confirmed")
+        return error
 
     def _on_late_result(self, confirmation: asyncio.Future[Any]) -> None:
         if not confirmation.cancelled() and confirmation.exception() is None:

@@ -124,6 +124,8 @@ class _Drain:
     confirmed: list[int] = field(default_factory=list)
     exhausted: bool = False
     failed: bool = False
+    #: why the first publish of this drain that failed did (``reason: detail``)
+    failure: str = ""
     #: confirmed rows in the delete being written
     deleting: int = 0
 
@@ -265,6 +267,10 @@ class Forwarder:
             await delete(run.confirmed, run.moved)
         if run.moved:
             log.info("spool.forwarded", events=run.moved, left=spool.depth, failed=run.failed)
+        if run.failed:
+            log.warning(
+                "spool.forward_failed", error=run.failure, forwarded=run.moved, left=spool.depth
+            )
         return not run.failed, run.moved
 
     async def _fill(self, run: _Drain) -> None:
@@ -293,7 +299,7 @@ class Forwarder:
         # logged before they go out: after a crash, forwarding one again is a redelivery
         spool.mark_sent([row.seq for row in batch_rows])
         for row in batch_rows:
-            task = asyncio.ensure_future(self._publish(row))
+            task = asyncio.ensure_future(self._publish(row, run))
             task.add_done_callback(run.finished.put_nowait)
             run.inflight[task] = row.seq
 
@@ -311,10 +317,12 @@ class Forwarder:
                     self.redelivered += 1
         return confirmed
 
-    async def _publish(self, row: SpooledEvent) -> bool:
+    async def _publish(self, row: SpooledEvent, run: _Drain) -> bool:
         try:
             await self.publisher.publish(row.envelope)
         except BrokerUnavailable as exc:
+            if not run.failure:
+                run.failure = str(exc)
             if exc.pending is not None:
                 self.spool.hold(row.seq, exc.pending)
             elif exc.reason == "channel_closed":
