@@ -252,7 +252,6 @@ async def test_quarantine_goes_through_the_spool_across_a_restart(
     assert message.content_type == "application/octet-stream"
 
 
-
 async def test_a_refused_body_that_cannot_be_kept_is_a_503_not_a_500(
     start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
 ) -> None:
@@ -288,6 +287,7 @@ async def test_a_refused_body_that_cannot_be_kept_is_a_503_not_a_500(
     message = await quarantine.get()
     assert (message.body, message.routing_key) == (refused, "invalid_json")
     assert quarantine.empty()
+
 
 # -- 3. media types --------------------------------------------------------------------------------
 
