@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import time
@@ -93,13 +94,22 @@ def pids_named(name: str) -> list[int]:
 
 
 def free_port(span: int = 1) -> int:
-    """A port P on 127.0.0.1 such that P .. P+span-1 are all free right now."""
-    for _ in range(200):
+    """A port P on 127.0.0.1 such that P .. P+span-1 are all free right now. A single port
+    comes from the kernel (bind to port 0); a range is looked for below the ephemeral range
+    (``net.ipv4.ip_local_port_range``), where the client side of every outgoing connection
+    on the machine does not take ports at random. Raises RuntimeError when none is found."""
+    if span == 1:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port: int = probe.getsockname()[1]
-        if port + span > 65535:
-            continue
+            return port
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = max(low, 10000 + span)
+    for _ in range(500):
+        port = random.randrange(10000, top - span + 1)
         ok = True
         for p in range(port, port + span):
             with socket.socket() as s:

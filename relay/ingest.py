@@ -520,7 +520,7 @@ class Ingest:
             headers["x-relay-content-type"] = refused.content_type[:MAX_HEADER_VALUE]
         if principal.business is not None:
             headers["x-retm-business"] = principal.business
-        log_fields = {"route": route_name, "key": key, "reason": rej.code}
+        log_fields = {"route": route_name, "key": key, "rejected_reason": rej.code}
         envelope = Envelope(
             refused.raw,
             Route(self.rejected_exchange, rej.code),  # the reason as routing key

@@ -75,6 +75,12 @@ def parse_redis_url(url: str) -> RedisTarget:
     """Parse ``dedup.redis_url`` (see the module docstring); raises RedisUrlError."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in SINGLE_SCHEMES:
+        try:
+            urlsplit(url).port  # noqa: B018 - what redis-py's from_url will read
+        except ValueError:
+            raise RedisUrlError(
+                "is not a valid URL (check the host's brackets and the port)"
+            ) from None
         return RedisTarget("single", url, tls=scheme == "rediss")
     if scheme not in SENTINEL_SCHEMES | CLUSTER_SCHEMES:
         raise RedisUrlError(

@@ -26,6 +26,7 @@ from relay.http.limits import GuardedSite, raise_nofile_limit
 from relay.http.protocol import JsonErrorRunner
 from relay.http.tls import CertificateStore
 from relay.settings import Settings
+from relay.statefiles import PRIVATE_DIR
 from relay.systemd import Notifier
 from relay.workers import WorkerInfo, worker_url
 
@@ -112,6 +113,13 @@ class Relay:
                 "Certificate reloads that failed (the previous certificate stays in use).",
                 lambda: store.reload_failures,
             )
+        state_dir = self.settings.state.dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        except OSError as exc:
+            raise StartupError(
+                f"state.dir {str(state_dir)!r} cannot be created: {exc.strerror or exc}"
+            ) from None
         try:
             await self.runner.setup()
         except RelayError as exc:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import orjson
 
@@ -746,6 +746,15 @@ def _validate_archive(s: Settings) -> None:
     _check(a.max_bytes >= 1_000_000, "archive.max_bytes", "must be at least 1000000")
 
 
+def _split_url(value: str, key: str, which: str = "") -> SplitResult:
+    """``urlsplit(value)``; raises ConfigError (naming ``key``, never the URL, which may hold
+    a password) for what ``urlsplit`` refuses, such as an unclosed IPv6 bracket."""
+    try:
+        return urlsplit(value)
+    except ValueError:
+        raise ConfigError(key, f"{which}is not a valid URL (check the host's brackets)") from None
+
+
 def _validate_amqp_urls(amqp: AmqpSettings) -> None:
     """Each node of ``amqp.url``: amqp:// or amqps://, a host, a valid port; no node twice.
     The message names the node by position (``node 2``), never its credentials."""
@@ -754,7 +763,7 @@ def _validate_amqp_urls(amqp: AmqpSettings) -> None:
     seen: set[tuple[str, int, str]] = set()
     for n, value in enumerate(urls, 1):
         which = "" if len(urls) == 1 else f"node {n} of the list: "
-        url = urlsplit(value)
+        url = _split_url(value, "amqp.url", which)
         _check(
             url.scheme in {"amqp", "amqps"},
             "amqp.url",
@@ -929,7 +938,7 @@ def _validate_flows(s: Settings) -> None:
             taken[path] = key
     for name, value in s.install.require_data.items():
         _check(bool(name) and bool(value), "install.require_data", "keys and values must be set")
-    url = urlsplit(s.install.settings_url)
+    url = _split_url(s.install.settings_url, "install.settings_url")
     _check(
         not s.install.settings_url or (url.scheme in {"http", "https"} and bool(url.hostname)),
         "install.settings_url",

@@ -97,3 +97,72 @@ async def test_a_reader_that_stops_early_ends_the_command_quietly(
         _, err = await process.communicate()
 
     assert (process.returncode, err.decode()) == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        (
+            "RELAY_AMQP_URL",
+            "amqp://user:secret-pw@[::1",
+            "amqp.url: is not a valid URL (check the host's brackets)",
+        ),
+        (
+            "RELAY_DEDUP_REDIS_URL",
+            "redis://:secret-pw@[::1",
+            "dedup.redis_url: is not a valid URL (check the host's brackets and the port)",
+        ),
+        (
+            "RELAY_DEDUP_REDIS_URL",
+            "redis://:secret-pw@localhost:99999/0",
+            "dedup.redis_url: is not a valid URL (check the host's brackets and the port)",
+        ),
+        (
+            "RELAY_INSTALL_SETTINGS_URL",
+            "http://[x",
+            "install.settings_url: is not a valid URL (check the host's brackets)",
+        ),
+    ],
+    ids=["amqp-bracket", "redis-bracket", "redis-port", "install-bracket"],
+)
+async def test_a_url_that_cannot_be_parsed_is_one_line_and_exit_2(
+    setting: str, value: str, message: str, empty_config: Path
+) -> None:
+    """A URL the parser refuses (an unclosed IPv6 bracket, a port out of range) is a
+    configuration error like any other: one line naming the key, never the password, exit 2;
+    ``check-config`` finds it, so ``serve`` never reaches it."""
+    environ = cli_environ(empty_config, RELAY_DEDUP_BACKEND="redis", **{setting: value})
+
+    checked = await run_cli("check-config", env=environ)
+
+    assert (checked.code, checked.stdout) == (2, "")
+    assert checked.stderr == f"retm-relay: configuration error: {message}\n"
+
+
+async def test_replay_since_before_the_year_1_is_a_usage_error(empty_config: Path) -> None:
+    """A duration back from now that reaches before the year 1 is one line and exit 2."""
+    result = await run_cli(
+        "replay", "--since", "9999999d", "--to-queue", "q", "--dry-run",
+        env=cli_environ(empty_config),
+    )  # fmt: skip
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr == "retm-relay replay: '9999999d' reaches back before the year 1\n"
+
+
+async def test_a_state_dir_that_cannot_be_created_stops_the_start_in_one_line(
+    empty_config: Path,
+) -> None:
+    """``serve`` with a ``state.dir`` that cannot be created logs ``relay.start_failed``
+    naming it and exits 1, without a traceback."""
+    environ = cli_environ(empty_config, RELAY_STATE_DIR="/proc/1/no-such-dir", RELAY_HTTP_PORT="0")
+
+    result = await run_cli("serve", env=environ)
+
+    assert result.code == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    failed = [line for line in result.stdout.splitlines() if "relay.start_failed" in line]
+    assert len(failed) == 1
+    assert (
+        "state.dir '/proc/1/no-such-dir' cannot be created: No such file or directory" in failed[0]
+    )

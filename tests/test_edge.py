@@ -21,6 +21,7 @@ import pytest
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
+from relay.http.app import PUBLISHER, SPOOL
 from relay.service import Relay
 from relay.settings import load_settings
 from tests.conftest import (
@@ -34,6 +35,7 @@ from tests.conftest import (
     assert_only_sentinel_follows,
     proxy_url,
     relay_environ,
+    wait_for,
 )
 from tests.proxy import FaultProxy
 from tests.test_access import metric
@@ -248,6 +250,43 @@ async def test_quarantine_goes_through_the_spool_across_a_restart(
     assert message.message_id == f"{FINGERPRINT}:rejected:sha256-{hashlib.sha256(body).hexdigest()}"
     assert message.headers["x-relay-rejected-reason"] == "invalid_json"
     assert message.content_type == "application/octet-stream"
+
+
+async def test_a_refused_body_that_cannot_be_kept_is_a_503_not_a_500(
+    start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
+) -> None:
+    """Broker away and the spool full: a refused body cannot be made durable on the
+    quarantine, so the answer is the 503 of the contract (``Retry-After``, one
+    ``webhook.unavailable`` line naming the refusal), never a 500; RETM's retry, once the
+    broker is back, is answered the 400 and the body kept."""
+    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy), RELAY_SPOOL_MAX_EVENTS="1")
+    quarantine = await broker.tap_queue(names.rejected)
+    publisher, spool = relay.relay.app[PUBLISHER], relay.relay.app[SPOOL]
+    refused = b"not json " + uuid.uuid4().hex.encode()
+    fault_proxy.cut()
+    await wait_for(lambda: not publisher.connected.is_set(), what="the link to drop")
+    filler = await relay.event(b'{"event":"order.created","reference":"filler"}')
+
+    with capture_logs() as logs:
+        full = await relay.event(refused)
+    fault_proxy.restore()
+    await wait_for(lambda: spool.depth == 0 and not spool.full, what="the spool to drain")
+    retried = await relay.event(refused)
+
+    assert filler.status == 200
+    assert (full.status, full.headers["Retry-After"]) == (503, "5")
+    assert full.body == {
+        "error": "unavailable",
+        "detail": "the event could not be made durable (spool_full); retry later",
+    }
+    lines = [line for line in logs if line["event"].startswith("webhook.")]
+    assert [(line["event"], line["reason"], line["rejected_reason"]) for line in lines] == [
+        ("webhook.unavailable", "spool_full", "invalid_json")
+    ]
+    assert (retried.status, retried.body["error"]) == (400, "invalid_json")
+    message = await quarantine.get()
+    assert (message.body, message.routing_key) == (refused, "invalid_json")
+    assert quarantine.empty()
 
 
 # -- 3. media types --------------------------------------------------------------------------------

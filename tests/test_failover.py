@@ -16,6 +16,7 @@ from relay.metrics import Metrics
 from relay.settings import describe, load_settings
 from tests.cli import cli_environ, run_cli
 from tests.conftest import (
+    AMQP_URL,
     Broker,
     Names,
     StartRelay,
@@ -145,3 +146,24 @@ async def test_check_config_validates_each_node(value: str, message: str, tmp_pa
     assert result.code == 2
     assert result.stderr.startswith(f"retm-relay: configuration error: amqp.url: {message}")
     assert ":p@" not in result.stderr and ":q@" not in result.stderr
+
+
+async def test_a_vhost_the_broker_refuses_is_named_on_readyz(
+    start_relay: StartRelay, names: Names
+) -> None:
+    """A vhost that does not exist: the broker closes each connection while it is being
+    opened. /readyz says so in an operator's words (not aiormq's ``Expected one of
+    ['Connection.OpenOk'], got <Connection.Close object ...>``); events are spooled meanwhile."""
+    url = AMQP_URL.rstrip("/") + "/" + names("no-such-vhost")
+    relay = await start_relay(wait_durable=False, RELAY_AMQP_URL=url)
+    publisher = relay.relay.app[PUBLISHER]
+    await wait_for(lambda: publisher.last_error is not None, what="the first refusal")
+
+    ready = await relay.get("/readyz")
+
+    assert ready.status == 503
+    assert ready.body["reasons"] == {
+        "broker": "broker link down: the broker closed the connection while it was being "
+        "opened: the vhost of amqp.url does not exist, or its user may not use it; events are "
+        "spooled"
+    }

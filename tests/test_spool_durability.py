@@ -24,6 +24,7 @@ from tests.conftest import (
     Names,
     RelayProcess,
     StartRelay,
+    assert_only_sentinel_follows,
     proxy_url,
     relay_environ,
     spool_at,
@@ -200,3 +201,40 @@ async def test_a_failed_delete_does_not_forward_the_rows_again(
     assert last.body["status"] == "accepted"
     assert after.body == sentinel
     assert tap.empty()
+
+
+async def test_confirmed_rows_whose_delete_failed_do_not_hold_new_events(
+    start_relay: StartRelay, broker: Broker, names: Names, fault_proxy: FaultProxy
+) -> None:
+    """Spooled events are forwarded and confirmed, but their delete cannot be written (as
+    on a full disk): a new webhook is not queued behind rows that are already on the broker
+    (it would be answered 503 while the spool cannot write); it is confirmed directly, and
+    consumers still see every event once, in order."""
+    relay = await start_relay(RELAY_AMQP_URL=proxy_url(fault_proxy))
+    publisher, spool = relay.relay.app[PUBLISHER], relay.relay.app[SPOOL]
+    tap = await broker.tap(names.exchange)
+    sent = [b'{"event":"order.created","reference":"stuck-%d"}' % i for i in range(3)]
+    fresh = b'{"event":"order.created","reference":"stuck-fresh"}'
+    fault_proxy.cut()
+    await wait_for(lambda: not publisher.connected.is_set(), what="the link to drop")
+    answers = [await relay.event(b) for b in sent]
+    locker = sqlite3.connect(spool.path, timeout=5, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # the relay's writer now waits 5 s, then fails
+        fault_proxy.restore()
+        received = [await tap.get(timeout=15) for _ in sent]
+        await wait_for(lambda: bool(spool.undeleted), timeout=15, what="the delete to fail")
+        depth_then = spool.depth
+        answer = await relay.event(fresh)
+        after = await tap.get(timeout=15)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await wait_for(lambda: spool.depth == 0, timeout=15, what="the delete to be retried")
+
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert [m.body for m in received] == sent
+    assert depth_then == 3
+    assert (answer.status, answer.body["status"]) == (200, "accepted")
+    assert after.body == fresh
+    await assert_only_sentinel_follows(relay, tap)

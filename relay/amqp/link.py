@@ -48,7 +48,7 @@ from typing import Generic, TypeVar
 import aio_pika
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from aiormq.exceptions import ProbableAuthenticationError
+from aiormq.exceptions import InvalidFrameError, ProbableAuthenticationError
 from yarl import URL
 
 from relay import __version__
@@ -348,9 +348,21 @@ def broker_address(url: str) -> str:
 
 def describe(exc: BaseException | None) -> str:
     """A short text for a link error (its message, else its type; at most 300 characters);
-    empty for None."""
+    empty for None. aiormq's words for a broker that closes the connection while it is being
+    opened (a vhost that does not exist, or that the user may not use: ``Expected one of
+    ['Connection.OpenOk'], got <Connection.Close object at 0x...>``) and for a handshake cut
+    short (``StopAsyncIteration``) become what they mean for an operator."""
     if exc is None:
         return ""
+    if isinstance(exc, InvalidFrameError) and "got <Connection.Close" in str(exc):
+        return (
+            "the broker closed the connection while it was being opened: the vhost of "
+            "amqp.url does not exist, or its user may not use it"
+        )
+    if isinstance(exc, StopAsyncIteration):
+        return "the connection was closed during the AMQP handshake"
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
 

@@ -69,7 +69,10 @@ def parse_time(text: str, now: datetime) -> datetime:
     datetime; raises ValueError saying what is wrong."""
     duration = _DURATION_RE.fullmatch(text)
     if duration:
-        return now - timedelta(seconds=int(duration[1]) * _UNITS[duration[2]])
+        try:
+            return now - timedelta(seconds=int(duration[1]) * _UNITS[duration[2]])
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

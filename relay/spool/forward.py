@@ -68,7 +68,7 @@ class StoreAndForward:
     def _why_spool(self) -> str | None:
         """Why a new event must go to the spool now (None: publish it directly)."""
         publisher = self.publisher
-        if self.spool.depth:
+        if self.spool.to_forward:
             return "queued"  # behind events already spooled: keep the spool's order
         if not publisher.connected.is_set():
             return "disconnected"

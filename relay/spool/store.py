@@ -575,6 +575,13 @@ class Spool:
         ):
             self._set_full(False)
 
+    @property
+    def to_forward(self) -> int:
+        """Spooled events not confirmed yet: ``depth`` less the rows being deleted, whose
+        delete may have failed (a full disk) and waits for the next one. A new event may pass
+        confirmed rows without changing the order consumers see."""
+        return max(0, self.depth - len(self.deleting))
+
     def mark_sent(self, seqs: list[int]) -> None:
         """Record that rows ``seqs`` are about to be published (the forwarder calls this
         before it publishes them): a row still spooled at the next start may have reached the
