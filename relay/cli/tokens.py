@@ -70,7 +70,8 @@ def add_arguments(
     revoke = actions.add_parser(
         "revoke",
         parents=parents,
-        help="refuse a token at once: by fingerprint, or every token of a business",
+        help="refuse a token (a running relay polls once a second): by fingerprint, or every "
+        "token of a business",
     )
     revoke.add_argument("selector", metavar="FINGERPRINT|BUSINESS")
 
