@@ -4,6 +4,7 @@ the established ones (a real ``python -m relay serve`` process and a real signal
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -269,3 +270,34 @@ async def test_sighup_reaches_every_worker(start_workers: StartWorkers, certs: C
     assert len(group.events("workers.worker_ready")) == 2  # no worker was restarted
     group.process.send_signal(signal.SIGTERM)
     assert await group.exit_code() == 0
+
+
+async def test_a_handshake_that_never_ends_is_closed_after_the_read_timeout(
+    start_relay: StartRelay, certs: Certs
+) -> None:
+    """A client that sends the first bytes of a ClientHello and stops is disconnected after
+    ``http.read_timeout`` (here 1 s; the event loop's own default is 60 s), so half-open
+    handshakes cannot hold the relay's file descriptors; a real client still gets in."""
+    leaf = certs.issue()
+    relay = await start_relay(
+        RELAY_HTTP_TLS_CERT=str(leaf.cert),
+        RELAY_HTTP_TLS_KEY=str(leaf.key),
+        RELAY_HTTP_READ_TIMEOUT="1",
+    )
+    host, port = relay.relay.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"\x16\x03\x01")  # a TLS record header, and nothing more
+        await writer.drain()
+        async with asyncio.timeout(15):  # the handshake timeout, not the loop's 60 s
+            rest = await reader.read()
+    finally:
+        writer.close()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(relay.url + "/healthz", ssl=certs.client_context()) as answer,
+    ):
+        status = answer.status
+
+    assert rest == b""
+    assert status == 200

@@ -475,17 +475,23 @@ class GuardedSite(web.BaseSite):
         return [sock.getsockname()[:2] for sock in sockets]
 
     async def start(self) -> None:
-        """Listen (OSError when the address is in use or cannot be bound)."""
+        """Listen (OSError when the address is in use or cannot be bound). With TLS, a
+        handshake must end within ``http.read_timeout`` (the event loop's default is 60 s): a
+        connection still shaking hands is not yet the guard's to count or time, so without
+        this a stranger's half-sent ClientHellos would each hold a file descriptor a minute."""
         await super().start()
         server = self._runner.server
         assert server is not None
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._guard.read_timeout}
         self._server = self._listener = await asyncio.get_running_loop().create_server(
             self._guard.wrap(server),
             self._host,
             self._port,
-            ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_port=self._reuse_port,
+            **tls,
         )
 
 
