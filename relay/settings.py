@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import tomllib
 import types
@@ -518,9 +519,12 @@ def _from_env(key: str, tp: Any, text: str, *, multiline: bool = False) -> Any:
         if not text.strip() and _is_optional(tp):
             return None
         try:
-            return number_type(text)
+            number = number_type(text)
         except ValueError:
             raise ConfigError(key, f"must be a number, not {text!r}") from None
+        if not math.isfinite(number):  # float("inf"), float("nan"), float("1e400")
+            raise ConfigError(key, "must be a finite number")
+        return number
     if _is_optional(tp) and not text.strip():
         return None
     return _coerce(key, tp, text)
@@ -558,6 +562,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, "must be a number")
+        if not math.isfinite(value):  # TOML and the environment both spell inf and nan
+            raise ConfigError(key, "must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

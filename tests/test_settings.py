@@ -191,3 +191,19 @@ def test_usage_errors_exit_2() -> None:
     """An unknown command or option is a usage error: exit 2."""
     assert _run_cli("frobnicate", env={}).returncode == 2
     assert _run_cli("serve", "--bogus", env={}).returncode == 2
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_a_number_that_is_not_finite_is_refused(value: str, tmp_path: Path) -> None:
+    """``inf`` and ``nan`` (spelled so in TOML and in the environment alike) are refused for
+    every number setting, naming the key, rather than accepted and failing on first use (an
+    infinite ``dedup.ttl`` overflowed on the first webhook)."""
+    with pytest.raises(ConfigError) as from_environ:
+        load_settings(None, {"RELAY_DEDUP_TTL": value})
+    config = tmp_path / "relay.toml"
+    config.write_text(f"[dedup]\nhash_ttl = {value}\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_settings(config, {})
+
+    assert str(from_environ.value) == "dedup.ttl: must be a finite number"
+    assert str(from_file.value) == "dedup.hash_ttl: must be a finite number"
