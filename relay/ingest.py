@@ -72,18 +72,28 @@ class Rejection(Exception):
         self.detail = detail
         self.headers = headers
         self.refused: Refused | None = None
+        #: the body as received, when it arrived whole before the refusal (``bad_encoding``)
+        self.received: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """An authenticated body refused with a 400 (``invalid_json``, ``not_object``,
-    ``too_deep``): who sent it, the bytes (decompressed, without a BOM), the declared
-    ``Content-Type`` (None when absent) and the receive time (Unix seconds)."""
+    """An authenticated body refused although it arrived whole: a 400 (``invalid_json``,
+    ``not_object``, ``too_deep``: the bytes decompressed, without a BOM; ``bad_encoding``:
+    the bytes as received) or a 415 (``unsupported_media_type``, ``unsupported_encoding``:
+    the bytes as received). Who sent it, the bytes, the declared ``Content-Type`` and
+    ``Content-Encoding`` when the bytes are still encoded (None when absent) and the receive
+    time (Unix seconds)."""
 
     principal: Principal
     raw: bytes
     content_type: str | None
     received_at: float
+    content_encoding: str | None = None
+
+
+#: refusals of a whole body whose bytes are kept as received (still encoded), not decoded
+KEPT_AS_RECEIVED = frozenset({"unsupported_media_type", "unsupported_encoding", "bad_encoding"})
 
 
 def error_response(
@@ -221,11 +231,34 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise too_large from None
     except (OSError, http_exceptions.HttpProcessingError, aiohttp.ClientError):
         raise Rejection(400, "incomplete_body", "the body could not be read in full") from None
+    received = raw
     for coding in reversed(codings):
-        raw = _decompress(raw, _DECODERS[coding], limit, too_large)
+        try:
+            raw = _decompress(raw, _DECODERS[coding], limit, too_large)
+        except Rejection as rej:
+            if rej.code == "bad_encoding":
+                rej.received = received
+            raise
     if raw.startswith(BOM):
         raw = raw[3:]
     return raw
+
+
+async def read_received(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The body exactly as received (no content coding undone), for the quarantine of a body
+    refused before it was read; None when it is over ``limit`` bytes or did not arrive whole
+    (then only the refusal is answered)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    try:
+        return await request.read()
+    except (
+        web.HTTPRequestEntityTooLarge,
+        OSError,
+        http_exceptions.HttpProcessingError,
+        aiohttp.ClientError,
+    ):
+        return None
 
 
 def _decompress(data: bytes, wbits: int, limit: int, too_large: Rejection) -> bytes:
@@ -351,12 +384,24 @@ class Ingest:
         when the sender is authenticated and the body is not a JSON object)."""
         received_at = time.time()
         principal = check_token(self.authenticator, request)
-        check_media_type(request, lenient=True)
-        raw = await read_body(request, self.max_body_bytes)
+        content_type = request.headers.get(hdrs.CONTENT_TYPE)
+        try:
+            check_media_type(request, lenient=True)
+            raw = await read_body(request, self.max_body_bytes)
+        except Rejection as rej:
+            if rej.code in KEPT_AS_RECEIVED:
+                received = rej.received
+                if received is None:  # refused before the body was read: read it as it is
+                    received = await read_received(request, self.max_body_bytes)
+                if received is not None:
+                    encoding = ", ".join(request.headers.getall(hdrs.CONTENT_ENCODING, ()))
+                    rej.refused = Refused(
+                        principal, received, content_type, received_at, encoding or None
+                    )
+            raise
         try:
             body = parse_object(raw)
         except Rejection as rej:
-            content_type = request.headers.get(hdrs.CONTENT_TYPE)
             rej.refused = Refused(principal, raw, content_type, received_at)
             raise
         return Webhook(principal, raw, body, received_at)
@@ -518,6 +563,8 @@ class Ingest:
         }
         if refused.content_type is not None:
             headers["x-relay-content-type"] = refused.content_type[:MAX_HEADER_VALUE]
+        if refused.content_encoding is not None:
+            headers["x-relay-content-encoding"] = refused.content_encoding[:MAX_HEADER_VALUE]
         if principal.business is not None:
             headers["x-retm-business"] = principal.business
         log_fields = {"route": route_name, "key": key, "rejected_reason": rej.code}

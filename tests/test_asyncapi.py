@@ -45,7 +45,14 @@ PARSER = ROOT / "tools" / "asyncapi"
 PRINCIPAL = f"token-{token_digest(TOKEN).hex()[:8]}"
 
 #: the reasons a body is quarantined for (relay/json_body.py's BodyRefused codes)
-REASONS = ["invalid_json", "not_object", "too_deep"]
+REASONS = [
+    "invalid_json",
+    "not_object",
+    "too_deep",
+    "bad_encoding",
+    "unsupported_media_type",
+    "unsupported_encoding",
+]
 #: the event messages the relay publishes (not the loyalty RPC requests or replies)
 EVENTS = [
     "order.created", "order.refunded", "customer.created", "customer.updated",
@@ -471,6 +478,53 @@ async def test_quarantined_bodies_match_the_contract(
         "application/octet-stream",
         "rejected",
     )
+
+
+async def test_bodies_refused_for_their_media_type_or_coding_are_kept_as_received(
+    start_relay: StartRelay, broker: Broker, names: Names, document: dict[str, Any]
+) -> None:
+    """A whole body refused with a 415 (its media type, its content coding) or a 400
+    ``bad_encoding`` from a sender with a valid token is kept on the quarantine exactly as it
+    arrived (still encoded, the declared coding in ``x-relay-content-encoding``), valid
+    against the document; a body over ``http.max_body_bytes`` is not kept (413, or the 415
+    that comes first)."""
+    relay = await start_relay(RELAY_HTTP_MAX_BODY_BYTES="4096")
+    quarantine = await broker.tap_queue(names.rejected)
+    event = b'{"event":"order.created","reference":"kept-as-received"}'
+    latin1 = '{"event":"menu.updated","name":"Caf\u00e9"}'.encode("latin-1")
+    posts = [  # (body, content type, content encoding, status, reason)
+        (latin1, "application/json; charset=ISO-8859-1", None, 415, "unsupported_media_type"),
+        (event, "application/json", "br", 415, "unsupported_encoding"),
+        (b"\x1f\x8b\x08 not gzip at all", "application/json", "gzip", 400, "bad_encoding"),
+    ]
+    answers = []
+    for body, content_type, encoding, _, _ in posts:
+        headers = {"Content-Encoding": encoding} if encoding else None
+        answers.append(
+            await relay.post("/retm/events", body, content_type=content_type, headers=headers)
+        )
+    too_large = await relay.post("/retm/events", b"x" * 5000)
+    too_large_html = await relay.post("/retm/events", b"x" * 5000, content_type="text/html")
+    kept = await quarantine.take(len(posts))
+
+    pointer = "#/components/messages/rejected"
+    for (body, content_type, encoding, status, reason), answer, message in zip(
+        posts, answers, kept, strict=True
+    ):
+        headers = dict(message.headers or {})
+        assert (answer.status, answer.body["error"]) == (status, reason)
+        assert (message.routing_key, message.body) == (reason, body)
+        assert errors(document, f"{pointer}/x-amqp-properties", properties_of(message)) == []
+        assert errors(document, f"{pointer}/headers", headers) == []
+        assert message.message_id == (
+            f"{PRINCIPAL}:rejected:sha256-{hashlib.sha256(body).hexdigest()}"
+        )
+        assert headers["x-relay-rejected-reason"] == reason
+        assert headers["x-relay-content-type"] == content_type
+        assert headers.get("x-relay-content-encoding") == encoding
+    assert (too_large.status, too_large.body["error"]) == (413, "payload_too_large")
+    assert (too_large_html.status, too_large_html.body["error"]) == (415, "unsupported_media_type")
+    assert quarantine.empty()
 
 
 def replay_environ(names: Names, config: Path) -> dict[str, str]:
