@@ -637,18 +637,37 @@ class Publisher(SupervisedLink[_Link]):
     ) -> BrokerUnavailable:
         """The error for a publish whose confirm missed its deadline (it may still come:
         ``pending``, by default ``confirmation`` itself); resets a link that has answered
-        nothing since the publish went out."""
+        nothing since the publish went out, or, checked again once a whole deadline has
+        passed since its last answer, nothing since then while publishes wait."""
         pending = confirmation if pending is None else pending
         pending.add_done_callback(self._on_late_result)
         sent_at = link.inflight.get(confirmation, 0.0)
-        if link.last_reply < sent_at and not _is_blocked(link.underlay.connection):
-            # Nothing at all came back since this publish went out, and the broker did not
-            # say it blocked us: the path is dead (a stall without FIN or RST). Reset the
-            # link; the supervisor reconnects.
-            log.warning("broker.stalled", broker=self.address, seconds=seconds)
-            link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
-            link.abort()
+        if link.last_reply < sent_at:
+            # Nothing at all came back since this publish went out: the path is dead
+            self._check_stalled(link, seconds, force=True)
+        else:
+            # The broker's last acks came after this publish went out: a stall that began
+            # while they were on their way (the publishes of one window all time out together,
+            # each a little after the last ack). Look again a whole deadline after that ack.
+            loop = asyncio.get_running_loop()
+            # (a little later than that: the loop may run a timer up to its clock's resolution
+            # early, and the check must then still see a whole deadline of silence)
+            loop.call_at(link.last_reply + seconds + 0.05, self._check_stalled, link, seconds)
         return BrokerUnavailable("timeout", "no publisher confirm before the deadline", pending)
+
+    def _check_stalled(self, link: _Link, seconds: float, *, force: bool = False) -> None:
+        """Reset ``link`` when it is stalled: ``force`` (nothing came back since a publish
+        that missed its deadline went out), or publishes still wait and nothing at all came
+        back for ``seconds``; unless the broker said it blocked us (an alarm). The path is
+        then dead (a stall without FIN or RST); the supervisor reconnects."""
+        if link.closed.is_set() or _is_blocked(link.underlay.connection):
+            return
+        now = asyncio.get_running_loop().time()
+        if not force and not (link.inflight and now - link.last_reply >= seconds):
+            return
+        log.warning("broker.stalled", broker=self.address, seconds=seconds)
+        link.mark_closed(f"no answer from the broker within {seconds:g}s (stalled)")
+        link.abort()
 
     def _nacked(self, link: _Link, refused: str) -> BrokerUnavailable:
         """The error for a nacked publish (``refused``: what the broker refused); resets a
