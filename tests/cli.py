@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import spawn_relay
+from tests.conftest import AMQP_URL, Names, spawn_relay
 
 
 def cli_environ(config: Path, **overrides: str) -> dict[str, str]:
@@ -31,6 +31,20 @@ def cli_environ(config: Path, **overrides: str) -> dict[str, str]:
     environ["RELAY_CONFIG"] = str(config)
     environ.update(overrides)
     return environ
+
+
+def names_environ(config: Path, names: Names, **overrides: str) -> dict[str, str]:
+    """``cli_environ`` for a command run against the test broker with the test's own names
+    (event, unrouted and quarantine exchanges, archive stream), plus ``overrides``."""
+    return cli_environ(
+        config,
+        RELAY_AMQP_URL=AMQP_URL,
+        RELAY_AMQP_EXCHANGE=names.exchange,
+        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
+        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
+        RELAY_ARCHIVE_QUEUE=names.archive,
+        **overrides,
+    )
 
 
 def closed_port() -> int:

@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from relay.http.auth import token_digest
 from relay.logs import iso_utc_millis
 from relay.settings import Settings
-from tests.cli import cli_environ, run_cli
+from tests.cli import names_environ, run_cli
 from tests.conftest import (
     AMQP_URL,
     FIXTURES,
@@ -530,14 +530,7 @@ async def test_bodies_refused_for_their_media_type_or_coding_are_kept_as_receive
 def replay_environ(names: Names, config: Path) -> dict[str, str]:
     """``retm-relay replay``'s environment: the broker and the test's own archive."""
     config.write_text("")
-    return cli_environ(
-        config,
-        RELAY_AMQP_URL=AMQP_URL,
-        RELAY_AMQP_EXCHANGE=names.exchange,
-        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
-        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
-        RELAY_ARCHIVE_QUEUE=names.archive,
-    )
+    return names_environ(config, names)
 
 
 async def test_archive_and_replayed_copies_match_the_contract(

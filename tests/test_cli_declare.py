@@ -10,7 +10,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelPreconditionFailed
 
-from tests.cli import cli_environ, closed_port, run_cli
+from tests.cli import closed_port, names_environ, run_cli
 from tests.conftest import AMQP_URL, Broker, Names, StartRelay, fixture_bytes, wait_for
 
 
@@ -25,13 +25,9 @@ def env(tmp_path: Path, names: Names, broker: Broker) -> dict[str, str]:
         exchanges=(names.exchange, *names.own, names.archive, f"{names.exchange}.dlx"),
         queues=(*names.own, names.archive, erp, f"{erp}.dead", crm, f"{crm}.dead"),
     )
-    return cli_environ(
+    return names_environ(
         config,
-        RELAY_AMQP_URL=AMQP_URL,
-        RELAY_AMQP_EXCHANGE=names.exchange,
-        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
-        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
-        RELAY_ARCHIVE_QUEUE=names.archive,
+        names,
         RELAY_CONSUMERS_QUEUES=f"{erp}=order.#,{erp}=customer.created,{crm}=customer.*",
     )
 

@@ -11,7 +11,7 @@ import pytest
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from relay.http.auth import token_digest
-from tests.cli import CliProcess, cli_environ, closed_port, run_cli
+from tests.cli import CliProcess, closed_port, names_environ, run_cli
 from tests.conftest import (
     AMQP_URL,
     TOKEN,
@@ -39,14 +39,7 @@ REFUND_LINE = (
 def env(tmp_path: Path, names: Names) -> dict[str, str]:
     config = tmp_path / "empty.toml"
     config.write_text("")
-    return cli_environ(
-        config,
-        RELAY_AMQP_URL=AMQP_URL,
-        RELAY_AMQP_EXCHANGE=names.exchange,
-        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
-        RELAY_AMQP_REJECTED_EXCHANGE=names.rejected,
-        RELAY_ARCHIVE_QUEUE=names.archive,
-    )
+    return names_environ(config, names)
 
 
 async def test_tail_prints_matching_events_one_line_each(

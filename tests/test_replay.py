@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from relay.amqp.archive import unix_ms
 from relay.amqp.link import broker_address
 from relay.cli.replay import parse_time, topic_matches
-from tests.cli import Result, cli_environ, run_cli
+from tests.cli import Result, names_environ, run_cli
 from tests.conftest import AMQP_URL, Broker, Names, RunningRelay, StartRelay, read_archive
 
 
@@ -33,13 +33,7 @@ def env(tmp_path: Path, names: Names) -> dict[str, str]:
     """The command's environment: the broker and the test's own archive stream."""
     config = tmp_path / "empty.toml"
     config.write_text("")
-    return cli_environ(
-        config,
-        RELAY_AMQP_URL=AMQP_URL,
-        RELAY_AMQP_EXCHANGE=names.exchange,
-        RELAY_AMQP_UNROUTED_EXCHANGE=names.unrouted,
-        RELAY_ARCHIVE_QUEUE=names.archive,
-    )
+    return names_environ(config, names)
 
 
 async def target_queue(broker: Broker, names: Names, **arguments: object) -> str:
