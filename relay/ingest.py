@@ -380,8 +380,10 @@ class Ingest:
         self.last_quarantined: dict[str, Any] | None = None
 
     async def read_webhook(self, request: web.BaseRequest) -> Webhook:
-        """Authenticate and read a webhook request; raises Rejection (with ``refused`` set
-        when the sender is authenticated and the body is not a JSON object)."""
+        """Authenticate and read a webhook request; raises Rejection, with ``refused`` set
+        when the sender is authenticated and its whole body is refused: not a JSON object
+        (decoded bytes), or its media type or content coding (the bytes as received, when at
+        most ``max_body_bytes``; see ``Refused``)."""
         received_at = time.time()
         principal = check_token(self.authenticator, request)
         content_type = request.headers.get(hdrs.CONTENT_TYPE)
