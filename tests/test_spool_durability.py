@@ -176,13 +176,15 @@ async def test_a_failed_delete_does_not_forward_the_rows_again(
         fault_proxy.restore()
         received = [await tap.get(timeout=15) for _ in sent]
         # Either the forwarder publishes the rows again (the defect), or their delete fails
-        # and they stay marked as being deleted (nothing left to forward).
+        # and they stay marked as being deleted (nothing left to forward). Each write waits
+        # 5 s for the lock before it fails, and when the rows are confirmed in separate acks
+        # their deletes fail one after the other (a CI run took 15 s for three): allow for six.
         await wait_for(
             lambda: (
                 forwarder.forwarded > len(sent)
                 or (forwarder._idle.is_set() and spool.depth == len(sent))
             ),
-            timeout=15,
+            timeout=30,
             what="the failed delete to settle",
         )
         forwarded_while_locked = forwarder.forwarded
